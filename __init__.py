@@ -1,0 +1,3 @@
+"""optd: an adaptive optimization control-plane daemon for LLM inference."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The optd daemon: CLI, config, HTTP API, telemetry, store."""

@@ -1,0 +1,19 @@
+"""The inference engine: model, loader, tokenizer, paged KV cache, scheduler, knobs."""
+
+from optd.engine.config import EngineConfig, EngineError, SamplingParams
+from optd.engine.engine import Engine
+from optd.engine.knobs import ApplyResult, KnobOutcome, Knobs
+from optd.engine.outputs import Delta, EngineStats, RequestOutput
+
+__all__ = [
+    "ApplyResult",
+    "Delta",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineStats",
+    "KnobOutcome",
+    "Knobs",
+    "RequestOutput",
+    "SamplingParams",
+]

@@ -1,0 +1,393 @@
+"""The engine: owns the model, the KV cache and the step loop, which runs in its own thread.
+
+Every change of engine state (new requests, aborts, knob changes) is a command queued to that thread
+and run at a step boundary, so the loop needs no locks and a caller gets a definite outcome.
+"""
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from queue import Empty, SimpleQueue
+
+import torch
+
+from optd.engine.config import EngineConfig, EngineError, SamplingParams
+from optd.engine.knobs import ApplyResult, Knobs, KnobOutcome
+from optd.engine.kv_cache import BlockAllocator, KVLayout, KVPool
+from optd.engine.loader import load_model, resolve_model_path
+from optd.engine.model_config import ModelConfig
+from optd.engine.outputs import Delta, EngineStats, RequestOutput
+from optd.engine.runner import ModelRunner
+from optd.engine.sampler import sample
+from optd.engine.scheduler import Scheduler
+from optd.engine.sequence import Sequence
+from optd.engine.tokenizer import Detokenizer, Tokenizer
+
+log = logging.getLogger("optd.engine")
+Prompt = str | list[int]
+Sink = Callable[[Delta], None]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device={name!r}: no CUDA/ROCm device is available")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise EngineError(f"dtype={name!r} is not one of auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        folder = resolve_model_path(config.model)
+        self.model_config = cfg = ModelConfig.from_file(folder / "config.json")
+        self.tokenizer = Tokenizer(folder)
+        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
+        if cfg.sliding_window and self.max_model_len > cfg.sliding_window:
+            raise EngineError(
+                f"{folder / 'config.json'}: sliding_window={cfg.sliding_window} is not supported; "
+                f"use max_model_len <= {cfg.sliding_window}"
+            )
+        if not 1 <= config.max_num_seqs:
+            raise EngineError(f"max_num_seqs must be >= 1, got {config.max_num_seqs}")
+        self.model = load_model(folder, cfg, self.device, self.dtype, self.max_model_len)
+        self.weight_bytes = sum(
+            p.numel() * p.element_size() for n, p in self.model.named_parameters() if p.dim() == 2
+            and not n.startswith("embed")
+        )
+        layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.dtype)
+        num_blocks = self._num_kv_blocks(layout)
+        allocator = BlockAllocator(num_blocks, config.block_size)
+        if allocator.blocks_for(self.max_model_len) > num_blocks:
+            raise EngineError(
+                f"KV cache of {num_blocks} blocks cannot hold one sequence of max_model_len="
+                f"{self.max_model_len}; give it more memory or lower max_model_len"
+            )
+        self.pool = KVPool(layout, num_blocks + 1, self.device)  # + the scratch block
+        self.scheduler = Scheduler(allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.pool, config.max_num_seqs, self.max_model_len,
+                                  config.cuda_graphs)
+        self._knobs = Knobs(max_batch_size=config.max_num_seqs)
+        self._rng = torch.Generator(device=self.device).manual_seed(config.seed)
+        self._ids = itertools.count()
+        self._inbox: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._counters = EngineStats(kv_blocks_total=num_blocks, kv_bytes_per_token=layout.bytes_per_token,
+                                     weight_bytes=self.weight_bytes)
+        self._latency = {k: deque(maxlen=1024) for k in ("ttft_s", "itl_s", "e2e_s")}
+        self._sinks: dict[str, Sink] = {}
+        self._thread = threading.Thread(target=self._loop, name="optd-engine", daemon=True)
+        self._thread.start()
+
+    def _num_kv_blocks(self, layout: KVLayout) -> int:
+        c = self.config
+        per_block = layout.num_layers * layout.block_bytes
+        useful = c.max_num_seqs * -(-self.max_model_len // c.block_size)  # more would never be used
+        if c.num_kv_blocks:
+            return c.num_kv_blocks
+        if c.kv_cache_memory:
+            return max(c.kv_cache_memory // per_block, 1)
+        if self.device.type != "cuda":
+            return min(useful, (1 << 30) // per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        m = self.model_config
+        # Activations of the largest prefill step plus decode logits, generously.
+        activations = c.max_num_batched_tokens * (4 * m.hidden_size + 4 * m.intermediate_size) * 4
+        activations += 2 * c.max_num_seqs * m.vocab_size * 4
+        budget = total * c.gpu_memory_utilization - (total - free) - activations
+        return max(min(useful, int(budget // per_block)), 1)
+
+    # ---- the step loop (engine thread) ----
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._wake.clear()
+            self._run_commands()
+            if self.scheduler.has_work():
+                self._step()
+            else:
+                self._wake.wait()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                self._inbox.get_nowait()()
+            except Empty:
+                return
+
+    def _step(self) -> None:
+        step = self.scheduler.schedule()
+        if step is None:
+            return
+        seqs = step.seqs
+        try:
+            logits = self.runner.prefill(seqs) if step.is_prefill else self.runner.decode(seqs)
+            tokens = sample(logits, seqs)
+        except Exception as e:  # a kernel or memory fault fails this step's requests, not the engine
+            log.exception("step failed")
+            for seq in seqs:
+                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+            return
+        self._counters.steps_total += 1
+        if step.is_prefill:
+            self._counters.prompt_tokens_total += sum(s.prompt_len for s in seqs if s.num_generated == 0)
+        now = time.monotonic()
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.num_cached = seq.num_tokens
+            seq.token_ids.append(token)
+            self._on_token(seq, token, now)
+
+    def _on_token(self, seq: Sequence, token: int, now: float) -> None:
+        self._counters.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        else:
+            self._latency["itl_s"].append(now - seq.last_token_time)
+        seq.last_token_time = now
+        p = seq.params
+        seq.text += seq.detokenizer.step(seq.token_ids)
+        reason = None
+        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            reason = "stop"
+        elif p.stop and (cut := _find_stop(seq.text, p.stop, seq.emitted)) is not None:
+            seq.text, reason = seq.text[:cut], "stop"
+        elif seq.num_generated >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self._finish(seq, reason)
+            return
+        # Hold back text that could be the start of a stop string.
+        hold = max((len(s) - 1 for s in p.stop), default=0)
+        self._emit(seq, len(seq.text) - hold, [token])
+
+    def _emit(self, seq: Sequence, upto: int, token_ids: list[int], **final) -> None:
+        text = seq.text[seq.emitted : max(upto, seq.emitted)]
+        seq.emitted = max(upto, seq.emitted)
+        sink = self._sinks.get(seq.request_id)
+        if sink:
+            sink(Delta(seq.request_id, text, token_ids, prompt_tokens=seq.prompt_len,
+                       completion_tokens=seq.num_generated, **final))
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        now = time.monotonic()
+        c = self._counters
+        c.requests_finished_total += 1
+        if seq.first_token_time is not None:
+            self._latency["ttft_s"].append(seq.first_token_time - seq.arrival_time)
+            self._latency["e2e_s"].append(now - seq.arrival_time)
+        new = seq.token_ids[-1:] if reason in ("stop", "length") and seq.num_generated else []
+        self._emit(seq, len(seq.text), new, finish_reason=reason, error=error)
+        self._sinks.pop(seq.request_id, None)
+
+    # ---- the public interface (any thread) ----
+
+    def _call(self, fn: Callable[[], object]) -> object:
+        """Run fn on the engine thread at the next step boundary and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        done: Future = Future()
+
+        def command() -> None:
+            try:
+                done.set_result(fn())
+            except Exception as e:
+                done.set_exception(e)
+
+        self._inbox.put(command)
+        self._wake.set()
+        return done.result()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+        self._wake.set()
+
+    def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Validate a request and turn it into a sequence (does not queue it)."""
+        params.validate()
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise EngineError(f"prompt token ids must be in [0, {vocab})")
+        else:
+            raise EngineError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise EngineError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise EngineError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} (prompt + output)"
+            )
+        generator = self._rng
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return Sequence(
+            request_id=request_id or f"req-{next(self._ids)}",
+            token_ids=ids,
+            prompt_len=len(ids),
+            params=params,
+            detokenizer=Detokenizer.after_prompt(self.tokenizer, len(ids)),
+            generator=generator,
+        )
+
+    def add(self, seq: Sequence, sink: Sink) -> None:
+        def command() -> None:
+            self._sinks[seq.request_id] = sink
+            self.scheduler.add(seq)
+        self._post(command)
+
+    def generate(self, prompts: list[Prompt] | Prompt,
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion, all submitted together; blocks the calling thread."""
+        prompts = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
+        params = params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            try:
+                seqs.append(self.make_sequence(prompt, p))
+            except EngineError as e:
+                raise EngineError(f"prompts[{i}]: {e}") from None
+        outputs: dict[str, list[Delta]] = {s.request_id: [] for s in seqs}
+        done = threading.Semaphore(0)
+
+        def sink(d: Delta) -> None:
+            outputs[d.request_id].append(d)
+            if d.finish_reason:
+                done.release()
+
+        def command() -> None:
+            for s in seqs:
+                self._sinks[s.request_id] = sink
+                self.scheduler.add(s)
+        self._post(command)
+        for _ in seqs:
+            done.acquire()
+        return [_collect(s, outputs[s.request_id]) for s in seqs]
+
+    async def submit(self, prompt: Prompt, params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Stream a request's deltas; closing the iterator early aborts the request."""
+        seq = self.make_sequence(prompt, params, request_id)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.add(seq, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:
+                self.abort(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        def command() -> None:
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                if seq.request_id == request_id:
+                    self._finish(seq, "abort")
+        self._post(command)
+
+    @property
+    def knobs(self) -> Knobs:
+        return self._knobs
+
+    def apply(self, **changes) -> ApplyResult:
+        """Change knobs at the next step boundary; each is applied or rejected with a reason."""
+        return self._call(lambda: self._apply(changes))
+
+    def _apply(self, changes: dict) -> ApplyResult:
+        result = ApplyResult()
+        for name, value in changes.items():
+            start = time.perf_counter()
+            current = getattr(self._knobs, name, None)
+            reason = self._check_knob(name, value)
+            if reason:
+                result.outcomes[name] = KnobOutcome(name, "rejected", current, value, reason)
+                continue
+            if name == "max_batch_size":
+                self.scheduler.max_batch_size = value
+            self._knobs = Knobs(**{**self._knobs.__dict__, name: value})
+            result.outcomes[name] = KnobOutcome(name, "applied", value, value,
+                                                cost_s=time.perf_counter() - start)
+        return result
+
+    def _check_knob(self, name: str, value) -> str | None:
+        if name not in Knobs.names():
+            return f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})"
+        if name != "max_batch_size":
+            return f"{name} is not supported by this engine yet"
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"max_batch_size must be an integer, got {value!r}"
+        if not 1 <= value <= self.config.max_num_seqs:
+            return f"max_batch_size must be in 1..{self.config.max_num_seqs} (max_num_seqs), got {value}"
+        return None
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(**{
+            **self._counters.__dict__,
+            "requests_running": len(s.running),
+            "requests_waiting": len(s.waiting),
+            "preemptions_total": s.preemptions_total,
+            "kv_blocks_used": s.allocator.num_used,
+            **{k: list(v) for k, v in self._latency.items()},
+        })
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) for t in x)
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Index where the first stop string starts, looking only where a new match could be."""
+    hits = [i for s in stops if (i := text.find(s, max(emitted - len(s) + 1, 0))) >= 0]
+    return min(hits) if hits else None
+
+
+def _collect(seq: Sequence, deltas: list[Delta]) -> RequestOutput:
+    final = deltas[-1]
+    return RequestOutput(
+        request_id=seq.request_id,
+        prompt_token_ids=seq.token_ids[: seq.prompt_len],
+        text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        finish_reason=final.finish_reason,
+        ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+        e2e_s=time.monotonic() - seq.arrival_time,
+        error=final.error,
+    )

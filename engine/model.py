@@ -1,0 +1,171 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+q/k/v and gate/up projections are fused into one matmul each: at batch 1 decode every weight is
+read once per token, and fewer, larger matmuls get closer to memory bandwidth.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optd.engine.kv_cache import KVPool
+from optd.engine.model_config import ModelConfig, RopeConfig
+from optd.kernels.paged_attention import paged_attention
+
+
+@dataclass
+class ForwardBatch:
+    """Where each token of a forward sits, and how it attends.
+
+    Prefill: whole sequences from position 0, concatenated; `prefill_lens` gives their lengths.
+    Decode: one row per token, each attending to its own block table up to its context length.
+    """
+
+    positions: Tensor                   # [T] int64
+    slot_mapping: Tensor                # [T] int64: block * block_size + offset to write K/V
+    prefill_lens: list[int] | None = None
+    block_tables: Tensor | None = None  # [T, max_blocks] int32
+    context_lens: Tensor | None = None  # [T] int32
+    logits_rows: Tensor | None = None   # rows to compute logits for (None: all)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> Tensor:
+    inv_freq = 1.0 / rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if rope.kind != "llama3":
+        return inv_freq
+    # Llama 3.1: leave high frequencies, divide low ones by `factor`, interpolate in between.
+    low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+    high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim] (halves duplicated, as Hugging Face does)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        k_cache, v_cache = pool.layer(self.layer)
+        block_size = k_cache.shape[1]
+        blocks, offsets = batch.slot_mapping // block_size, batch.slot_mapping % block_size
+        k_cache[blocks, offsets] = k
+        v_cache[blocks, offsets] = v
+
+        if batch.prefill_lens is not None:
+            out = self._prefill(q, k, v, batch.prefill_lens)
+        else:
+            out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
+        return self.o(out.reshape(T, self.q_size))
+
+    def _prefill(self, q: Tensor, k: Tensor, v: Tensor, lens: list[int]) -> Tensor:
+        group = self.num_heads // self.num_kv_heads
+        outs = []
+        for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens), strict=True):
+            # [heads, len, dim] for SDPA; K/V heads repeated to the query heads (GQA).
+            ks, vs = (t.transpose(0, 1).repeat_interleave(group, dim=0) for t in (ks, vs))
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks, vs, is_causal=True, scale=self.scale)
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        h = h + self.attn(self.input_norm(h), cos, sin, batch, pool)
+        return h + self.mlp(self.post_attn_norm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_positions = max_positions
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def init_rope(self) -> None:
+        """Tables of cos/sin per position, computed in float32 like Hugging Face, then cast."""
+        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope)
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        self.rope_cos = emb.cos().to(device=device, dtype=dtype)
+        self.rope_sin = emb.sin().to(device=device, dtype=dtype)
+
+    def forward(self, input_ids: Tensor, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        h = self.embed(input_ids)
+        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
+        for layer in self.layers:
+            h = layer(h, cos, sin, batch, pool)
+        if batch.logits_rows is not None:
+            h = h[batch.logits_rows]
+        h = self.norm(h)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight).float()

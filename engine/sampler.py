@@ -1,0 +1,34 @@
+"""Next-token choice per request: greedy, or temperature / top-k / top-p sampling with its own RNG."""
+
+import torch
+from torch import Tensor
+
+from optd.engine.sequence import Sequence
+
+
+def filtered_probs(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Sampling distribution of one row of logits under the request's parameters."""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs /= probs.sum()
+    return probs
+
+
+def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits: [len(seqs), vocab] float32."""
+    tokens = logits.argmax(dim=-1)
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature > 0:
+            probs = filtered_probs(logits[i], p.temperature, p.top_k, p.top_p)
+            tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+    return tokens.tolist()

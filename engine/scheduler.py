@@ -1,0 +1,90 @@
+"""Continuous batching: which sequences run in the next step, and which must give way."""
+
+from collections import deque
+from dataclasses import dataclass
+
+from optd.engine.kv_cache import BlockAllocator
+from optd.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledStep:
+    seqs: list[Sequence]
+    is_prefill: bool
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_batch_size: int, max_num_batched_tokens: int):
+        self.allocator = allocator
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions_total = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep | None:
+        # Lowering max_batch_size takes effect now: the newest sequences are preempted (recomputed
+        # later), so the running count never exceeds the knob after the step that follows it.
+        while len(self.running) > self.max_batch_size:
+            self._preempt(self.running[-1])
+        prefill = self._admit()
+        if prefill:
+            return ScheduledStep(prefill, is_prefill=True)
+        return self._decode()
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        tokens = 0
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            over_budget = tokens + seq.num_tokens > self.max_num_batched_tokens
+            # Keep one block of headroom per running sequence so admission does not cause preemption.
+            reserve = len(self.running)
+            fits = self.allocator.blocks_for(seq.num_tokens) + reserve <= self.allocator.num_free
+            if (over_budget and admitted) or not fits:
+                break
+            self.waiting.popleft()
+            self.allocator.grow(seq.blocks, seq.num_tokens)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+            tokens += seq.num_tokens
+        return admitted
+
+    def _decode(self) -> ScheduledStep | None:
+        scheduled: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below to make room for an earlier sequence
+            while not self.allocator.can_grow(seq.blocks, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                self.allocator.grow(seq.blocks, seq.num_tokens)
+                scheduled.append(seq)
+        return ScheduledStep(scheduled, is_prefill=False) if scheduled else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; it is recomputed from its tokens when re-admitted."""
+        self.running.remove(seq)
+        self.allocator.release(seq.blocks)
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions_total += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.release(seq.blocks)
+        seq.status = Status.FINISHED

@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file, each beside a plain-PyTorch reference of the same op."""

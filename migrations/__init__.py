@@ -1,0 +1,1 @@
+"""Alembic migrations (arrive with issue 4)."""

@@ -1,0 +1,1 @@
+"""Textual dashboard (arrives with issue 6)."""
