@@ -17,7 +17,7 @@ class EngineConfig:
     max_num_seqs: int = 64              # envelope of the max_batch_size knob
     max_spec_length: int = 8            # envelope of the spec_length knob
     block_size: int = 16                # tokens per KV-cache block
-    kv_cache_memory: int | None = None  # bytes for the KV pool; None: from gpu_memory_utilization / CPU default
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: sized from free memory
     num_kv_blocks: int | None = None    # overrides kv_cache_memory (tests use it to force preemption)
     gpu_memory_utilization: float = 0.85
     max_num_batched_tokens: int = 4096  # prefill token budget per step

@@ -17,7 +17,7 @@ from queue import Empty, SimpleQueue
 import torch
 
 from optd.engine.config import EngineConfig, EngineError, SamplingParams
-from optd.engine.knobs import ApplyResult, Knobs, KnobOutcome
+from optd.engine.knobs import ApplyResult, KnobOutcome, Knobs
 from optd.engine.kv_cache import BlockAllocator, KVLayout, KVPool
 from optd.engine.loader import load_model, resolve_model_path
 from optd.engine.model_config import ModelConfig
@@ -67,7 +67,7 @@ class Engine:
                 f"{folder / 'config.json'}: sliding_window={cfg.sliding_window} is not supported; "
                 f"use max_model_len <= {cfg.sliding_window}"
             )
-        if not 1 <= config.max_num_seqs:
+        if not config.max_num_seqs >= 1:
             raise EngineError(f"max_num_seqs must be >= 1, got {config.max_num_seqs}")
         self.model = load_model(folder, cfg, self.device, self.dtype, self.max_model_len)
         self.weight_bytes = sum(
@@ -131,9 +131,13 @@ class Engine:
     def _run_commands(self) -> None:
         while True:
             try:
-                self._inbox.get_nowait()()
+                command = self._inbox.get_nowait()
             except Empty:
                 return
+            try:
+                command()
+            except Exception:  # a failing command must not take the step loop down with it
+                log.exception("engine command failed")
 
     def _step(self) -> None:
         step = self.scheduler.schedule()
@@ -184,9 +188,14 @@ class Engine:
         text = seq.text[seq.emitted : max(upto, seq.emitted)]
         seq.emitted = max(upto, seq.emitted)
         sink = self._sinks.get(seq.request_id)
-        if sink:
+        if sink is None:
+            return
+        try:
             sink(Delta(seq.request_id, text, token_ids, prompt_tokens=seq.prompt_len,
                        completion_tokens=seq.num_generated, **final))
+        except Exception:  # e.g. the consumer's event loop is gone; its request is aborted
+            log.warning("dropping output of %s: its consumer failed", seq.request_id, exc_info=True)
+            self._sinks.pop(seq.request_id, None)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq)
@@ -223,7 +232,8 @@ class Engine:
         self._inbox.put(fn)
         self._wake.set()
 
-    def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def make_sequence(self, prompt: Prompt, params: SamplingParams,
+                      request_id: str | None = None) -> Sequence:
         """Validate a request and turn it into a sequence (does not queue it)."""
         params.validate()
         if isinstance(prompt, str):
@@ -306,6 +316,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         def command() -> None:
+            self._sinks.pop(request_id, None)  # whoever aborts is no longer listening
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 if seq.request_id == request_id:
                     self._finish(seq, "abort")

@@ -39,7 +39,8 @@ class KVPool:
         self.layout = layout
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks - 1
-        self.data = torch.zeros(layout.num_layers, num_blocks, layout.block_bytes, dtype=torch.uint8, device=device)
+        self.data = torch.zeros(layout.num_layers, num_blocks, layout.block_bytes, dtype=torch.uint8,
+                                device=device)
         L = layout
         self._views = [
             self.data[i].view(L.dtype).view(num_blocks, 2, L.block_size, L.num_kv_heads, L.head_dim)

@@ -33,7 +33,8 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None]:
     """Our parameter name for a checkpoint tensor, and its index within a fused parameter."""
     name = name.removeprefix("model.")
     name = name.replace("embed_tokens.", "embed.").replace("self_attn.", "attn.")
-    name = name.replace("input_layernorm.", "input_norm.").replace("post_attention_layernorm.", "post_attn_norm.")
+    name = name.replace("input_layernorm.", "input_norm.")
+    name = name.replace("post_attention_layernorm.", "post_attn_norm.")
     fused = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2),
              "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1)}
     for part, (new, index) in fused.items():

@@ -76,7 +76,9 @@ class ModelConfig:
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         kv_heads = raw.get("num_key_value_heads") or heads
         if heads % kv_heads:
-            raise EngineError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+            raise EngineError(
+                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+            )
         attention_bias = bool(raw.get("attention_bias", False))
         return cls(
             model_type=model_type,

@@ -15,7 +15,7 @@ from optd.engine.sequence import Sequence
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
+    sizes = [1, 2, 4, 8, *range(16, max_num_seqs + 1, 16)]
     return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
 
 

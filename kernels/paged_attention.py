@@ -33,18 +33,18 @@ def paged_attention_ref(
         max_blocks = -(-int(context_lens.max()) // block_size)
         block_tables = block_tables[:, :max_blocks]
     idx = block_tables.long()
-    # [T, blocks, block_size, Hkv, D] -> [T, Hkv, L, D]: each row's K/V laid out in logical order.
-    k = k_cache[idx].flatten(1, 2).transpose(1, 2).float()
-    v = v_cache[idx].flatten(1, 2).transpose(1, 2).float()
-    qg = q.float().view(num_tokens, num_kv_heads, group, head_dim)
-    scores = (qg @ k.transpose(-1, -2)) * scale  # [T, Hkv, G, L]
-    valid = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # [T, blocks, block_size, Hkv, D] -> [T, L, Hkv, D]: each row's K/V in logical order (fresh copies).
+    k = k_cache[idx].flatten(1, 2).float()
+    v = v_cache[idx].flatten(1, 2).float()
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None]
     # Slots past the context may hold anything, NaN included (never-written pool memory): 0 * NaN = NaN.
-    v = v.masked_fill(~valid[:, None, :, None], 0.0)
+    v.masked_fill_(~valid[:, :, None, None], 0.0)
+    qg = q.float().view(num_tokens, num_kv_heads, group, head_dim)
+    scores = (qg @ k.permute(0, 2, 3, 1)) * scale  # [T, Hkv, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill((context_lens == 0)[:, None, None, None], 0.0)  # all -inf -> NaN -> 0
-    res = (probs @ v).view(num_tokens, num_heads, head_dim).to(q.dtype)
+    res = (probs @ v.transpose(1, 2)).view(num_tokens, num_heads, head_dim).to(q.dtype)
     if out is None:
         return res
     out.copy_(res)
