@@ -1,0 +1,204 @@
+"""Decode speed on a GPU: optd against the memory-bandwidth limit and against transformers, one run.
+
+    python bench/decode.py                      # Llama-3-8B shape, random bf16 weights
+    python bench/decode.py --layers 4 --no-hf   # a quick check
+
+Prints the device-to-device copy bandwidth (bytes read + written per second), then optd's decode
+tokens/s at each batch size with the bytes a decode step must read (weights + KV of the context)
+and the fraction of the copy bandwidth that achieves, then transformers' generate on the same
+weights and prompt. Weights are random (normal, std 0.02): speed does not depend on their values.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from optd.engine import Engine, EngineConfig, SamplingParams
+from optd.engine.loader import BUNDLED
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                 rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, model_type="llama",
+                 architectures=["LlamaForCausalLM"], hidden_act="silu", bos_token_id=0, eos_token_id=0,
+                 torch_dtype="bfloat16")
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)  # read + write
+
+
+def write_checkpoint(folder: Path, config: dict, seed: int) -> None:
+    """Random bf16 weights in Hugging Face names, one shard per few layers, with an index."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    D = H // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * D
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
+
+    weight_map, shard = {}, {}
+
+    def flush(name: str) -> None:
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    shard["model.embed_tokens.weight"] = rand(V, H)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name, shape in [("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (kv, H)),
+                            ("self_attn.v_proj", (kv, H)), ("self_attn.o_proj", (H, H)),
+                            ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))]:
+            shard[p + name + ".weight"] = rand(*shape)
+        shard[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+        shard[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+        if i % 8 == 7:
+            flush(f"model-{i // 8:05d}.safetensors")
+    shard["model.norm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+    shard["lm_head.weight"] = rand(V, H)
+    flush("model-last.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+    # Any tokenizer.json loads; prompts are token ids.
+    (folder / "tokenizer.json").write_bytes((BUNDLED["demo"] / "tokenizer.json").read_bytes())
+
+
+def decode_rate(outputs) -> float:
+    """Generated tokens per second of the decode phase (after the last prompt's first token)."""
+    last_first_token = max(o.ttft_s for o in outputs)
+    end = max(o.e2e_s for o in outputs)
+    return sum(len(o.token_ids) - 1 for o in outputs) / (end - last_first_token)
+
+
+def optd_runs(folder: Path, args) -> tuple[list[dict], int, int]:
+    batches = [int(b) for b in args.batches.split(",")]
+    config = EngineConfig(model=str(folder), max_model_len=args.context + args.new_tokens + 16,
+                          max_num_seqs=max(batches), max_num_batched_tokens=16384)
+    rows = []
+    with Engine(config) as engine:
+        params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
+        g = torch.Generator().manual_seed(0)
+        for b in batches:
+            prompts = torch.randint(1, LLAMA3_8B["vocab_size"], (b, args.context), generator=g).tolist()
+            engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+            rate = decode_rate(engine.generate(prompts, params))
+            rows.append({"batch": b, "tokens_per_s": rate})
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
+                           if n != "embed.weight" or engine.model.lm_head is None)
+        return rows, weight_bytes, engine.pool.layout.bytes_per_token
+
+
+def _timed_generate(model, ids: torch.Tensor, n: int, kwargs: dict) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def hf_run(folder: Path, args, prompt: list[int]) -> dict:
+    """transformers' decode rate: static cache + torch.compile (its fast path), then eager."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda")
+    ids, n = torch.tensor([prompt], device="cuda"), args.new_tokens
+    eager_forward = model.forward
+    result = {}
+    for mode, kwargs in (("static+compile", {"cache_implementation": "static"}), ("eager", {})):
+        model.forward = eager_forward
+        try:
+            if mode == "static+compile":
+                model.forward = torch.compile(eager_forward, mode="reduce-overhead", fullgraph=True)
+            _timed_generate(model, ids, n, kwargs)  # warm-up (compiles)
+            _timed_generate(model, ids, n, kwargs)
+            full, first = _timed_generate(model, ids, n, kwargs), _timed_generate(model, ids, 1, kwargs)
+            result[mode] = (n - 1) / (full - first)
+        except Exception as e:  # report what did not work instead of hiding it
+            result[mode] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    return result
+
+
+def check_against_transformers() -> str:
+    """Greedy tokens of the demo model through the measured path (bf16, CUDA graphs) vs transformers."""
+    import transformers
+
+    prompts = ["def fib(n):", "import os\n\nclass ", "for i in range(", "    def __init__(self"]
+    with Engine(EngineConfig(model="demo", max_num_seqs=8)) as engine:
+        ours = engine.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True))
+        ids = [o.prompt_token_ids for o in ours]
+    model = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED["demo"], dtype=torch.bfloat16,
+                                                              device_map="cuda")
+    model.generation_config.eos_token_id = None
+    same = total = 0
+    for o, prompt in zip(ours, ids, strict=True):
+        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=48, do_sample=False)
+        ref = ref[0, len(prompt):].tolist()
+        agree = next((i for i, (a, b) in enumerate(zip(o.token_ids, ref, strict=True)) if a != b), 48)
+        same, total = same + agree, total + 48
+    return f"demo model, greedy, bf16: {same}/{total} tokens agree with transformers before a divergence"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    args = p.parse_args()
+    config = {**LLAMA3_8B, "num_hidden_layers": args.layers}
+
+    bandwidth = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"copy bandwidth (read+write): {bandwidth / 1e9:.0f} GB/s")
+    print(check_against_transformers())
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        folder = Path(tmp)
+        t = time.perf_counter()
+        write_checkpoint(folder, config, seed=0)
+        print(f"checkpoint written in {time.perf_counter() - t:.0f} s")
+        rows, weight_bytes, kv_per_token = optd_runs(folder, args)
+        torch.cuda.empty_cache()
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(1, LLAMA3_8B["vocab_size"], (args.context,), generator=g).tolist()
+        hf = {} if args.no_hf else hf_run(folder, args, prompt)
+
+    ctx = args.context + args.new_tokens / 2  # mean context over the decode
+    print(f"\nweights read per step: {weight_bytes / 1e9:.2f} GB; KV per token of context: {kv_per_token} B")
+    print(f"{'engine':<22}{'batch':>6}{'tokens/s':>12}{'GB/s read':>12}{'of copy bw':>12}")
+    for r in rows:
+        step_bytes = weight_bytes + r["batch"] * ctx * kv_per_token
+        achieved = step_bytes * r["tokens_per_s"] / r["batch"]
+        print(f"{'optd':<22}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{achieved / 1e9:>12.0f}"
+              f"{achieved / bandwidth:>12.2f}")
+    for mode, rate in hf.items():
+        if isinstance(rate, float):
+            ratio = rows[0]["tokens_per_s"] / rate
+            print(f"{'transformers ' + mode:<22}{1:>6}{rate:>12.1f}   optd batch 1 / this = {ratio:.2f}")
+        else:
+            print(f"transformers {mode}: {rate}")
+
+
+if __name__ == "__main__":
+    main()
