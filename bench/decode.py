@@ -93,7 +93,7 @@ def decode_rate(outputs) -> float:
 def optd_runs(folder: Path, args) -> tuple[list[dict], int, int]:
     batches = [int(b) for b in args.batches.split(",")]
     config = EngineConfig(model=str(folder), max_model_len=args.context + args.new_tokens + 16,
-                          max_num_seqs=max(batches), max_num_batched_tokens=16384)
+                          max_num_seqs=max(batches), max_num_batched_tokens=8192)
     rows = []
     with Engine(config) as engine:
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
@@ -111,7 +111,8 @@ def optd_runs(folder: Path, args) -> tuple[list[dict], int, int]:
 def _timed_generate(model, ids: torch.Tensor, n: int, kwargs: dict) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
-    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                   do_sample=False, **kwargs)
     torch.cuda.synchronize()
     return time.perf_counter() - t
 
@@ -151,7 +152,9 @@ def check_against_transformers() -> str:
     model.generation_config.eos_token_id = None
     same = total = 0
     for o, prompt in zip(ours, ids, strict=True):
-        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=48, do_sample=False)
+        ids = torch.tensor([prompt], device="cuda")
+        # An explicit mask: the demo's BOS id is also its pad id, which transformers would mask out.
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
         ref = ref[0, len(prompt):].tolist()
         agree = next((i for i, (a, b) in enumerate(zip(o.token_ids, ref, strict=True)) if a != b), 48)
         same, total = same + agree, total + 48
