@@ -58,7 +58,11 @@ def write_checkpoint(folder: Path, config: dict, seed: int) -> None:
 
     weight_map, shard = {}, {}
 
+    total_bytes = 0
+
     def flush(name: str) -> None:
+        nonlocal total_bytes
+        total_bytes += sum(t.numel() * t.element_size() for t in shard.values())
         save_file(shard, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
         shard.clear()
@@ -77,7 +81,8 @@ def write_checkpoint(folder: Path, config: dict, seed: int) -> None:
     shard["model.norm.weight"] = torch.ones(H, dtype=torch.bfloat16)
     shard["lm_head.weight"] = rand(V, H)
     flush("model-last.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "config.json").write_text(json.dumps(config))
     # Any tokenizer.json loads; prompts are token ids.
     (folder / "tokenizer.json").write_bytes((BUNDLED["demo"] / "tokenizer.json").read_bytes())
@@ -183,24 +188,24 @@ def main() -> None:
         print(f"checkpoint written in {time.perf_counter() - t:.0f} s")
         rows, weight_bytes, kv_per_token = optd_runs(folder, args)
         torch.cuda.empty_cache()
+        ctx = args.context + args.new_tokens / 2  # mean context over the decode
+        print(f"\nweights read per step: {weight_bytes / 1e9:.2f} GB; KV per context token: {kv_per_token} B")
+        print(f"{'engine':<24}{'batch':>6}{'tokens/s':>12}{'GB/s read':>12}{'of copy bw':>12}")
+        for r in rows:
+            step_bytes = weight_bytes + r["batch"] * ctx * kv_per_token
+            achieved = step_bytes * r["tokens_per_s"] / r["batch"]
+            print(f"{'optd':<24}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{achieved / 1e9:>12.0f}"
+                  f"{achieved / bandwidth:>12.2f}")
+        if args.no_hf:
+            return
         g = torch.Generator().manual_seed(1)
         prompt = torch.randint(1, LLAMA3_8B["vocab_size"], (args.context,), generator=g).tolist()
-        hf = {} if args.no_hf else hf_run(folder, args, prompt)
-
-    ctx = args.context + args.new_tokens / 2  # mean context over the decode
-    print(f"\nweights read per step: {weight_bytes / 1e9:.2f} GB; KV per token of context: {kv_per_token} B")
-    print(f"{'engine':<22}{'batch':>6}{'tokens/s':>12}{'GB/s read':>12}{'of copy bw':>12}")
-    for r in rows:
-        step_bytes = weight_bytes + r["batch"] * ctx * kv_per_token
-        achieved = step_bytes * r["tokens_per_s"] / r["batch"]
-        print(f"{'optd':<22}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{achieved / 1e9:>12.0f}"
-              f"{achieved / bandwidth:>12.2f}")
-    for mode, rate in hf.items():
-        if isinstance(rate, float):
-            ratio = rows[0]["tokens_per_s"] / rate
-            print(f"{'transformers ' + mode:<22}{1:>6}{rate:>12.1f}   optd batch 1 / this = {ratio:.2f}")
-        else:
-            print(f"transformers {mode}: {rate}")
+        for mode, rate in hf_run(folder, args, prompt).items():
+            if isinstance(rate, float):
+                ratio = rows[0]["tokens_per_s"] / rate
+                print(f"{'transformers ' + mode:<24}{1:>6}{rate:>12.1f}   optd batch 1 / this = {ratio:.2f}")
+            else:
+                print(f"transformers {mode}: {rate}")
 
 
 if __name__ == "__main__":
