@@ -30,7 +30,7 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture(batch_buckets(max_num_seqs))
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> Tensor:
+    def _slots(self, seq: Sequence, start: int, end: int) -> Tensor:  # prefill
         pos = torch.arange(start, end)
         return torch.tensor(seq.blocks)[pos // self.block_size] * self.block_size + pos % self.block_size
 
@@ -49,61 +49,52 @@ class ModelRunner:
         batch = ForwardBatch(positions, slots, prefill_lens=lens, logits_rows=last_rows)
         return self.model(ids, batch, self.pool)
 
+    def _decode_inputs(self, seqs: list[Sequence], rows: int) -> tuple[Tensor, Tensor]:
+        """Host tensors for a decode of `rows` rows (padding rows write to scratch and attend to nothing):
+        meta [4, rows] = token id, position, cache slot, context length; tables [rows, max_blocks]."""
+        bs, scratch = self.block_size, self.pool.scratch_block * self.block_size
+        meta = [[0] * rows, [0] * rows, [scratch] * rows, [0] * rows]
+        tables = []
+        for i, s in enumerate(seqs):
+            pos = s.num_tokens - 1
+            meta[0][i], meta[1][i], meta[3][i] = s.token_ids[-1], pos, s.num_tokens
+            meta[2][i] = s.blocks[pos // bs] * bs + pos % bs
+            tables.append(s.blocks + [0] * (self.max_blocks - len(s.blocks)))
+        tables += [[0] * self.max_blocks] * (rows - len(seqs))
+        return torch.tensor(meta), torch.tensor(tables, dtype=torch.int32)
+
+    def _decode_forward(self, meta: Tensor, tables: Tensor) -> Tensor:
+        batch = ForwardBatch(meta[1], meta[2], block_tables=tables, context_lens=meta[3].int())
+        return self.model(meta[0], batch, self.pool)
+
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> Tensor:
         """One new token per sequence: the last sampled one, whose K/V is not cached yet."""
         n = len(seqs)
-        ids = torch.tensor([s.token_ids[-1] for s in seqs])
-        positions = torch.tensor([s.num_tokens - 1 for s in seqs])
-        slots = torch.cat([self._slots(s, s.num_tokens - 1, s.num_tokens) for s in seqs])
-        context = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int32)
-        tables = torch.zeros(n, self.max_blocks, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
         bucket = next((b for b in sorted(self.graphs) if b >= n), None)
+        meta, tables = self._decode_inputs(seqs, bucket or n)
         if bucket is None:
-            ids, positions, slots, context, tables = self._to_device(ids, positions, slots, context, tables)
-            return self.model(ids, ForwardBatch(positions, slots, block_tables=tables, context_lens=context),
-                              self.pool)
-        st = self._static
-        st["ids"][:n].copy_(ids)
-        st["positions"][:n].copy_(positions)
-        st["slots"][:n].copy_(slots)
-        st["context"][:n].copy_(context)
-        st["tables"][:n].copy_(tables)
-        self._pad(n, bucket)
+            return self._decode_forward(meta.to(self.device), tables.to(self.device))
+        self._meta[:, :bucket].copy_(meta, non_blocking=True)
+        self._tables[:bucket].copy_(tables, non_blocking=True)
         self.graphs[bucket].replay()
-        return st["logits"][:n]
-
-    def _pad(self, n: int, bucket: int) -> None:
-        st = self._static
-        st["ids"][n:bucket] = 0
-        st["positions"][n:bucket] = 0
-        st["slots"][n:bucket] = self.pool.scratch_block * self.block_size
-        st["context"][n:bucket] = 0
+        return self._logits[:n]
 
     def _capture(self, buckets: list[int]) -> None:
         B, dev = max(buckets), self.device
-        st = self._static = {
-            "ids": torch.zeros(B, dtype=torch.long, device=dev),
-            "positions": torch.zeros(B, dtype=torch.long, device=dev),
-            "slots": torch.zeros(B, dtype=torch.long, device=dev),
-            "context": torch.zeros(B, dtype=torch.int32, device=dev),
-            "tables": torch.zeros(B, self.max_blocks, dtype=torch.int32, device=dev),
-        }
-        logits = torch.empty(B, self.model.cfg.vocab_size, dtype=torch.float32, device=dev)
-        st["logits"] = logits
+        self._meta = torch.zeros(4, B, dtype=torch.long, device=dev)
+        self._tables = torch.zeros(B, self.max_blocks, dtype=torch.int32, device=dev)
+        self._logits = torch.empty(B, self.model.cfg.vocab_size, dtype=torch.float32, device=dev)
+        self._meta[2] = self.pool.scratch_block * self.block_size
         pool = None
         with torch.inference_mode():
             for b in sorted(buckets, reverse=True):
-                self._pad(0, b)
-                batch = ForwardBatch(st["positions"][:b], st["slots"][:b], block_tables=st["tables"][:b],
-                                     context_lens=st["context"][:b])
-                self.model(st["ids"][:b], batch, self.pool)  # warm-up: Triton compiles outside capture
+                meta, tables = self._meta[:, :b], self._tables[:b]
+                self._decode_forward(meta, tables)  # warm-up: Triton compiles outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits[:b] = self.model(st["ids"][:b], batch, self.pool)
+                    self._logits[:b] = self._decode_forward(meta, tables)
                 pool = graph.pool()
                 self.graphs[b] = graph
         torch.cuda.synchronize()
