@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
-q/k/v and gate/up projections are fused into one matmul each: at batch 1 decode every weight is
-read once per token, and fewer, larger matmuls get closer to memory bandwidth.
+At batch 1 decode every weight is read once per token, and each kernel launch costs about as much as
+reading a few megabytes, so a layer is ten kernels: q/k/v and gate/up are one matmul each, the
+residual add is fused into the RMSNorm after it, RoPE into the K/V cache write, SiLU into the product.
 """
 
 import math
@@ -13,7 +14,10 @@ from torch import Tensor, nn
 
 from optd.engine.kv_cache import KVPool
 from optd.engine.model_config import ModelConfig, RopeConfig
+from optd.kernels.activation import silu_and_mul
 from optd.kernels.paged_attention import paged_attention
+from optd.kernels.rmsnorm import rms_norm
+from optd.kernels.rope import rope_and_cache
 
 
 @dataclass
@@ -38,11 +42,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """norm(x); with a residual: residual += x in place, then (norm(residual), residual)."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> Tensor:
@@ -62,13 +64,6 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim] (halves duplicated, as Hugging Face does)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -81,22 +76,18 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, pool: KVPool) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], batch: ForwardBatch, pool: KVPool) -> Tensor:
         T = x.shape[0]
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = pool.layer(self.layer)
-        block_size = k_cache.shape[1]
-        blocks, offsets = batch.slot_mapping // block_size, batch.slot_mapping % block_size
-        k_cache[blocks, offsets] = k
-        v_cache[blocks, offsets] = v
-
+        # Rotates q and k in place and writes k, v into their cache slots.
+        rope_and_cache(q, k, v, batch.positions, *rope, k_cache, v_cache, batch.slot_mapping)
         if batch.prefill_lens is not None:
             out = self._prefill(q, k, v, batch.prefill_lens)
         else:
@@ -121,8 +112,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_and_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -133,9 +123,16 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, pool: KVPool) -> Tensor:
-        h = h + self.attn(self.input_norm(h), cos, sin, batch, pool)
-        return h + self.mlp(self.post_attn_norm(h))
+    def forward(self, x: Tensor, residual: Tensor | None, rope: tuple[Tensor, Tensor], batch: ForwardBatch,
+                pool: KVPool) -> tuple[Tensor, Tensor]:
+        """x: the previous layer's output, not yet added to the residual stream (None at layer 0)."""
+        if residual is None:
+            x, residual = self.input_norm(x), x
+        else:
+            x, residual = self.input_norm(x, residual)
+        x = self.attn(x, rope, batch, pool)
+        x, residual = self.post_attn_norm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -161,12 +158,12 @@ class LlamaModel(nn.Module):
         self.rope_sin = emb.sin().to(device=device, dtype=dtype)
 
     def forward(self, input_ids: Tensor, batch: ForwardBatch, pool: KVPool) -> Tensor:
-        h = self.embed(input_ids)
-        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
+        x, residual = self.embed(input_ids), None
+        rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers:
-            h = layer(h, cos, sin, batch, pool)
+            x, residual = layer(x, residual, rope, batch, pool)
         if batch.logits_rows is not None:
-            h = h[batch.logits_rows]
-        h = self.norm(h)
+            x, residual = x[batch.logits_rows], residual[batch.logits_rows]
+        h, _ = self.norm(x, residual)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight).float()
