@@ -142,7 +142,10 @@ def rope_and_cache(
     k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
 ) -> None:
     args = (q, k, v, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping)
-    # ROCm builds of torch report their GPUs as device type "cuda" too.
-    if q.device.type == "cuda" and triton is not None:
+    # ROCm builds of torch report their GPUs as device type "cuda" too. Head dims outside the kernel's
+    # range (tiny test models) take the reference path rather than refusing the model.
+    head_dim = q.shape[-1]
+    supported = MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0
+    if q.device.type == "cuda" and triton is not None and supported:
         return rope_and_cache_triton(*args)
     return rope_and_cache_ref(*args)
