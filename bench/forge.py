@@ -136,12 +136,13 @@ def encode_stream(tok: Tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_model(kind: str, vocab: int, seed: int) -> LlamaForCausalLM:
+def make_model(kind: str, vocab: int, seed: int, context: int) -> LlamaForCausalLM:
+    """`context` is the training window: positions past it were never trained, so say so in config.json."""
     hidden, layers, heads, kv_heads, inter = SIZES[kind]
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64,
-        max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=context, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
@@ -315,11 +316,11 @@ def main(argv: list[str] | None = None) -> None:
           f"[{time.perf_counter() - t0:.0f}s]", flush=True)
 
     budget = args.budget_s
-    target = make_model("target", tok.get_vocab_size(), args.seed)
+    target = make_model("target", tok.get_vocab_size(), args.seed, args.seq)
     t1 = time.perf_counter()
     steps, best_t = train("target", target, data, val, args.steps, args, device, args.lr, 0.62 * budget)
     t_target = time.perf_counter() - t1
-    draft = make_model("draft", tok.get_vocab_size(), args.seed + 1)
+    draft = make_model("draft", tok.get_vocab_size(), args.seed + 1, args.seq)
     t2 = time.perf_counter()
     draft_steps, best_d = train("draft", draft, data, val, args.draft_steps, args, device, 1.5 * args.lr,
                         budget - (t2 - t1) if budget else 0.0, teacher=target)

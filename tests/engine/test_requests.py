@@ -139,3 +139,8 @@ def test_unknown_model_path():
 def test_chat_template_renders(engine):
     text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "# user: hi\n# assistant:"
+
+
+def test_sequence_stops_at_max_model_len(engine):
+    out = engine.generate([list(range(2, 122))], SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 128 - 120
