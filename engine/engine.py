@@ -123,10 +123,15 @@ class Engine:
         while not self._stopped:
             self._wake.clear()
             self._run_commands()
-            if self.scheduler.has_work():
-                self._step()
-            else:
+            if not self.scheduler.has_work():
                 self._wake.wait()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # a bug or fault outside the model call: fail the running requests,
+                log.exception("engine step failed")  # keep the engine (and waiting requests) alive
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
     def _run_commands(self) -> None:
         while True:

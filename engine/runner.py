@@ -19,16 +19,23 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
 
 
+Chunk = tuple[int, list[int]]  # (position of the first token, tokens) fed for one sequence
+
+
 class ModelRunner:
+    """Runs one model over its KV pool. `widths` are the rows per sequence whose steps replay CUDA
+    graphs: 1 for plain decode, k + 1 for verifying k draft tokens."""
+
     def __init__(self, model: LlamaModel, pool: KVPool, max_num_seqs: int, max_model_len: int,
-                 use_cuda_graphs: bool):
+                 use_cuda_graphs: bool, widths: tuple[int, ...] = (1,)):
         self.model, self.pool = model, pool
         self.device = model.embed.weight.device
         self.block_size = pool.layout.block_size
         self.max_blocks = -(-max_model_len // self.block_size)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.buckets = batch_buckets(max_num_seqs)
         if use_cuda_graphs and self.device.type == "cuda":
-            self._capture(batch_buckets(max_num_seqs))
+            self._capture(widths)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> Tensor:  # prefill
         pos = torch.arange(start, end)
@@ -49,52 +56,73 @@ class ModelRunner:
         batch = ForwardBatch(positions, slots, prefill_lens=lens, logits_rows=last_rows)
         return self.model(ids, batch, self.pool)
 
-    def _decode_inputs(self, seqs: list[Sequence], rows: int) -> tuple[Tensor, Tensor]:
-        """Host tensors for a decode of `rows` rows (padding rows write to scratch and attend to nothing):
-        meta [4, rows] = token id, position, cache slot, context length; tables [rows, max_blocks]."""
-        bs, scratch = self.block_size, self.pool.scratch_block * self.block_size
-        meta = [[0] * rows, [0] * rows, [scratch] * rows, [0] * rows]
-        tables = []
-        for i, s in enumerate(seqs):
-            pos = s.num_tokens - 1
-            meta[0][i], meta[1][i], meta[3][i] = s.token_ids[-1], pos, s.num_tokens
-            meta[2][i] = s.blocks[pos // bs] * bs + pos % bs
-            tables.append(s.blocks + [0] * (self.max_blocks - len(s.blocks)))
-        tables += [[0] * self.max_blocks] * (rows - len(seqs))
-        return torch.tensor(meta), torch.tensor(tables, dtype=torch.int32)
-
-    def _decode_forward(self, meta: Tensor, tables: Tensor) -> Tensor:
-        batch = ForwardBatch(meta[1], meta[2], block_tables=tables, context_lens=meta[3].int())
-        return self.model(meta[0], batch, self.pool)
-
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> Tensor:
         """One new token per sequence: the last sampled one, whose K/V is not cached yet."""
-        n = len(seqs)
-        bucket = next((b for b in sorted(self.graphs) if b >= n), None)
-        meta, tables = self._decode_inputs(seqs, bucket or n)
-        if bucket is None:
-            return self._decode_forward(meta.to(self.device), tables.to(self.device))
-        self._meta[:, :bucket].copy_(meta, non_blocking=True)
-        self._tables[:bucket].copy_(tables, non_blocking=True)
-        self.graphs[bucket].replay()
-        return self._logits[:n]
+        chunks = [(s.num_tokens - 1, s.token_ids[-1:]) for s in seqs]
+        return torch.cat(self.extend(seqs, chunks, width=1))
 
-    def _capture(self, buckets: list[int]) -> None:
-        B, dev = max(buckets), self.device
-        self._meta = torch.zeros(4, B, dtype=torch.long, device=dev)
-        self._tables = torch.zeros(B, self.max_blocks, dtype=torch.int32, device=dev)
-        self._logits = torch.empty(B, self.model.cfg.vocab_size, dtype=torch.float32, device=dev)
+    @torch.inference_mode()
+    def extend(self, seqs: list[Sequence], chunks: list[Chunk], width: int | None = None) -> list[Tensor]:
+        """Feed each sequence its chunk on top of its cache (each row attends to its own prefix);
+        returns the logits of every fed row, per sequence. With `width` (>= every chunk), rows are
+        padded to it and a captured graph replays when there is one."""
+        n = len(seqs)
+        bucket = next((b for b in self.buckets if b >= n), None)
+        graph = self.graphs.get((bucket, width)) if width else None
+        if graph is None:  # eager: exactly the rows fed
+            widths = [len(toks) for _, toks in chunks]
+            meta, tables = self._row_inputs(seqs, chunks, widths, len(seqs))
+            logits = self._forward(meta.to(self.device), tables.to(self.device))
+            return list(logits.split(widths))
+        meta, tables = self._row_inputs(seqs, chunks, [width] * n, bucket)
+        rows = meta.shape[1]
+        self._meta[:, :rows].copy_(meta, non_blocking=True)
+        self._tables[:rows].copy_(tables, non_blocking=True)
+        graph.replay()
+        logits = self._logits[:rows].view(bucket, width, -1)
+        return [logits[i, : len(toks)] for i, (_, toks) in enumerate(chunks)]
+
+    def _row_inputs(self, seqs: list[Sequence], chunks: list[Chunk], widths: list[int],
+                    bucket: int) -> tuple[Tensor, Tensor]:
+        """Host tensors, one row per fed token, sequence i owning widths[i] rows; padding rows (and
+        padding sequences up to `bucket`) write to the scratch block and attend to nothing.
+        meta [4, rows] = token id, position, cache slot, context length; tables [rows, max_blocks]."""
+        bs, scratch = self.block_size, self.pool.scratch_block * self.block_size
+        rows = sum(widths) + (bucket - len(seqs)) * (widths[0] if widths else 1)
+        meta = [[0] * rows, [0] * rows, [scratch] * rows, [0] * rows]
+        tables, empty, r = [], [0] * self.max_blocks, 0
+        for s, (start, toks), w in zip(seqs, chunks, widths, strict=True):
+            table = s.blocks + [0] * (self.max_blocks - len(s.blocks))
+            for j, token in enumerate(toks):
+                pos = start + j
+                meta[0][r + j], meta[1][r + j], meta[3][r + j] = token, pos, pos + 1
+                meta[2][r + j] = s.blocks[pos // bs] * bs + pos % bs
+            tables += [table] * w
+            r += w
+        tables += [empty] * (rows - r)
+        return torch.tensor(meta), torch.tensor(tables, dtype=torch.int32)
+
+    def _forward(self, meta: Tensor, tables: Tensor) -> Tensor:
+        batch = ForwardBatch(meta[1], meta[2], block_tables=tables, context_lens=meta[3].int())
+        return self.model(meta[0], batch, self.pool)
+
+    def _capture(self, widths: tuple[int, ...]) -> None:
+        rows, dev = max(self.buckets) * max(widths), self.device
+        self._meta = torch.zeros(4, rows, dtype=torch.long, device=dev)
+        self._tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev)
+        self._logits = torch.empty(rows, self.model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self._meta[2] = self.pool.scratch_block * self.block_size
         pool = None
         with torch.inference_mode():
-            for b in sorted(buckets, reverse=True):
-                meta, tables = self._meta[:, :b], self._tables[:b]
-                self._decode_forward(meta, tables)  # warm-up: Triton compiles outside the capture
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._logits[:b] = self._decode_forward(meta, tables)
-                pool = graph.pool()
-                self.graphs[b] = graph
+            for width in sorted(widths, reverse=True):
+                for b in sorted(self.buckets, reverse=True):
+                    meta, tables = self._meta[:, : b * width], self._tables[: b * width]
+                    self._forward(meta, tables)  # warm-up: Triton compiles outside the capture
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._logits[: b * width] = self._forward(meta, tables)
+                    pool = graph.pool()
+                    self.graphs[b, width] = graph
         torch.cuda.synchronize()
