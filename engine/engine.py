@@ -17,6 +17,7 @@ from queue import Empty, SimpleQueue
 import torch
 
 from optd.engine.config import EngineConfig, EngineError, SamplingParams
+from optd.engine.drafter import ModelDrafter, NgramDrafter
 from optd.engine.knobs import ApplyResult, KnobOutcome, Knobs
 from optd.engine.kv_cache import BlockAllocator, KVLayout, KVPool
 from optd.engine.loader import load_model, resolve_model_path
@@ -26,6 +27,7 @@ from optd.engine.runner import ModelRunner
 from optd.engine.sampler import sample
 from optd.engine.scheduler import Scheduler
 from optd.engine.sequence import Sequence
+from optd.engine.spec import verify_greedy, verify_sampled
 from optd.engine.tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("optd.engine")
@@ -83,9 +85,12 @@ class Engine:
                 f"{self.max_model_len}; give it more memory or lower max_model_len"
             )
         self.pool = KVPool(layout, num_blocks + 1, self.device)  # + the scratch block
-        self.scheduler = Scheduler(allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(allocator, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self.drafter = self._make_drafter(num_blocks + 1)
+        widths = (1,) if self.drafter is None else tuple(range(1, config.max_spec_length + 2))
         self.runner = ModelRunner(self.model, self.pool, config.max_num_seqs, self.max_model_len,
-                                  config.cuda_graphs)
+                                  config.cuda_graphs, widths)
         self._knobs = Knobs(max_batch_size=config.max_num_seqs)
         self._rng = torch.Generator(device=self.device).manual_seed(config.seed)
         self._ids = itertools.count()
@@ -93,11 +98,24 @@ class Engine:
         self._wake = threading.Event()
         self._stopped = False
         self._counters = EngineStats(kv_blocks_total=num_blocks, kv_bytes_per_token=layout.bytes_per_token,
-                                     weight_bytes=self.weight_bytes)
+                                     weight_bytes=self.weight_bytes,
+                                     spec_accepted_per_pos=[0] * config.max_spec_length)
+        self._step_time: dict[int, float] = {}  # decode step seconds by spec_length, smoothed
         self._latency = {k: deque(maxlen=1024) for k in ("ttft_s", "itl_s", "e2e_s")}
         self._sinks: dict[str, Sink] = {}
         self._thread = threading.Thread(target=self._loop, name="optd-engine", daemon=True)
         self._thread.start()
+
+    def _make_drafter(self, num_blocks: int) -> NgramDrafter | ModelDrafter | None:
+        c = self.config
+        if c.draft_model is None:
+            return None
+        if not 0 <= c.max_spec_length <= 32:
+            raise EngineError(f"max_spec_length must be in 0..32, got {c.max_spec_length}")
+        if c.draft_model == "ngram":
+            return NgramDrafter()
+        return ModelDrafter(c.draft_model, self.tokenizer, self.model_config, num_blocks, self.device,
+                            self.dtype, c.block_size, c.max_num_seqs, self.max_model_len, c.cuda_graphs)
 
     def _num_kv_blocks(self, layout: KVLayout) -> int:
         c = self.config
@@ -145,26 +163,71 @@ class Engine:
                 log.exception("engine command failed")
 
     def _step(self) -> None:
+        k = self._knobs.spec_length
+        self.scheduler.lookahead = k
         step = self.scheduler.schedule()
         if step is None:
             return
         seqs = step.seqs
+        start = time.perf_counter()
         try:
-            logits = self.runner.prefill(seqs) if step.is_prefill else self.runner.decode(seqs)
-            tokens = sample(logits, seqs)
+            if step.is_prefill:
+                new_tokens = [[t] for t in sample(self.runner.prefill(seqs), seqs)]
+            elif k == 0:  # the plain decode path: no drafter work at all
+                new_tokens = [[t] for t in sample(self.runner.decode(seqs), seqs)]
+            else:
+                new_tokens = self._speculate(seqs, k)
         except Exception as e:  # a kernel or memory fault fails this step's requests, not the engine
             log.exception("step failed")
             for seq in seqs:
                 self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
-        self._counters.steps_total += 1
+        if not step.is_prefill:
+            seconds = time.perf_counter() - start
+            self._step_time[k] = 0.9 * self._step_time.get(k, seconds) + 0.1 * seconds
+        c = self._counters
+        c.steps_total += 1
         if step.is_prefill:
-            self._counters.prompt_tokens_total += sum(s.prompt_len for s in seqs if s.num_generated == 0)
+            c.prompt_tokens_total += sum(s.prompt_len for s in seqs if s.num_generated == 0)
         now = time.monotonic()
-        for seq, token in zip(seqs, tokens, strict=True):
-            seq.num_cached = seq.num_tokens
-            seq.token_ids.append(token)
-            self._on_token(seq, token, now)
+        for seq, tokens in zip(seqs, new_tokens, strict=True):
+            # The K/V of everything before the last new token is now cached (rejected drafts' slots
+            # are simply overwritten later); blocks beyond that go back to the pool.
+            seq.num_cached = seq.num_tokens + len(tokens) - 1
+            seq.draft_cached = min(seq.draft_cached, seq.num_cached)
+            for token in tokens:
+                seq.token_ids.append(token)
+                self._on_token(seq, token, now)
+                if seq.finish_reason:
+                    break
+            else:
+                self.scheduler.allocator.truncate(seq.blocks, seq.num_cached)
+
+    def _speculate(self, seqs: list[Sequence], k: int) -> list[list[int]]:
+        """Draft up to k tokens per sequence, verify all of them in one target forward."""
+        ks = [max(min(k, s.params.max_tokens - s.num_generated - 1, self.max_model_len - s.num_tokens - 1), 0)
+              for s in seqs]
+        drafts, draft_probs = self.drafter.propose(seqs, ks)
+        chunks = [(s.num_tokens - 1, [s.token_ids[-1], *d]) for s, d in zip(seqs, drafts, strict=True)]
+        logits = self.runner.extend(seqs, chunks, width=k + 1)
+        argmax = torch.cat([rows.argmax(-1) for rows in logits]).tolist()
+        out, first = [], 0
+        c = self._counters
+        for seq, d, dp, rows in zip(seqs, drafts, draft_probs, logits, strict=True):
+            if seq.params.temperature == 0:
+                tokens = verify_greedy(d, argmax[first : first + len(d) + 1])
+            else:
+                tokens = verify_sampled(seq, d, dp, rows)
+            first += len(d) + 1
+            accepted = len(tokens) - 1
+            if d:
+                c.spec_drafts_total += 1
+                c.spec_draft_tokens_total += len(d)
+                c.spec_accepted_tokens_total += accepted
+                for j in range(accepted):
+                    c.spec_accepted_per_pos[j] += 1
+            out.append(tokens)
+        return out
 
     def _on_token(self, seq: Sequence, token: int, now: float) -> None:
         self._counters.generation_tokens_total += 1
@@ -354,11 +417,16 @@ class Engine:
     def _check_knob(self, name: str, value) -> str | None:
         if name not in Knobs.names():
             return f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})"
-        if name != "max_batch_size":
+        if name not in ("max_batch_size", "spec_length"):
             return f"{name} is not supported by this engine yet"
         if not isinstance(value, int) or isinstance(value, bool):
-            return f"max_batch_size must be an integer, got {value!r}"
-        if not 1 <= value <= self.config.max_num_seqs:
+            return f"{name} must be an integer, got {value!r}"
+        if name == "spec_length":
+            if self.drafter is None:
+                return "spec_length needs a drafter: start the engine with draft_model set"
+            if not 0 <= value <= self.config.max_spec_length:
+                return f"spec_length must be in 0..{self.config.max_spec_length}, got {value}"
+        elif not 1 <= value <= self.config.max_num_seqs:
             return f"max_batch_size must be in 1..{self.config.max_num_seqs} (max_num_seqs), got {value}"
         return None
 
@@ -370,6 +438,8 @@ class Engine:
             "requests_waiting": len(s.waiting),
             "preemptions_total": s.preemptions_total,
             "kv_blocks_used": s.allocator.num_used,
+            "spec_accepted_per_pos": list(self._counters.spec_accepted_per_pos),
+            "step_time_s": dict(self._step_time),
             **{k: list(v) for k, v in self._latency.items()},
         })
 

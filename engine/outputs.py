@@ -46,6 +46,7 @@ class EngineStats:
     spec_draft_tokens_total: int = 0
     spec_accepted_tokens_total: int = 0
     spec_accepted_per_pos: list[int] = field(default_factory=list)
+    step_time_s: dict[int, float] = field(default_factory=dict)  # decode step time by spec_length
     # Latencies (seconds) of recently finished requests, oldest first, bounded.
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)

@@ -7,10 +7,10 @@ from optd.engine.sequence import Sequence
 
 
 def filtered_probs(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """Sampling distribution of one row of logits under the request's parameters."""
+    """Sampling distribution of rows of logits [..., vocab] under the request's parameters."""
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
+        kth = torch.topk(logits, top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
@@ -19,7 +19,7 @@ def filtered_probs(logits: Tensor, temperature: float, top_k: int, top_p: float)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs /= probs.sum()
+        probs /= probs.sum(-1, keepdim=True)
     return probs
 
 

@@ -14,8 +14,11 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_batch_size: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockAllocator, max_batch_size: int, max_num_batched_tokens: int,
+                 max_model_len: int):
         self.allocator = allocator
+        self.max_model_len = max_model_len
+        self.lookahead = 0  # extra slots a decode step writes: the draft tokens being verified
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -62,13 +65,14 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an earlier sequence
-            while not self.allocator.can_grow(seq.blocks, seq.num_tokens):
+            need = min(seq.num_tokens + self.lookahead, self.max_model_len)
+            while not self.allocator.can_grow(seq.blocks, need):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                self.allocator.grow(seq.blocks, seq.num_tokens)
+                self.allocator.grow(seq.blocks, need)
                 scheduled.append(seq)
         return ScheduledStep(scheduled, is_prefill=False) if scheduled else None
 
@@ -76,7 +80,7 @@ class Scheduler:
         """Free the sequence's blocks; it is recomputed from its tokens when re-admitted."""
         self.running.remove(seq)
         self.allocator.release(seq.blocks)
-        seq.num_cached = 0
+        seq.num_cached = seq.draft_cached = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.preemptions_total += 1

@@ -27,6 +27,7 @@ class Sequence:
     status: Status = Status.WAITING
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0           # tokens whose K/V are in the cache
+    draft_cached: int = 0         # tokens whose K/V are in the draft model's cache
     text: str = ""
     emitted: int = 0              # characters of `text` already streamed
     finish_reason: str | None = None

@@ -66,3 +66,29 @@ def make_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     write_tokenizer(folder)
     return folder
+
+
+def make_tiny_vocab_pair(folder: Path, vocab: int = 12) -> tuple[Path, Path]:
+    """Target and draft over a word-level vocabulary of `vocab` tokens, with sharp, different
+    next-token distributions (large random weights), for testing sampling distributions."""
+    import transformers as tf
+    from tokenizers import models as tok_models
+
+    paths = []
+    for name, seed, layers in (("target", 1, 2), ("draft", 2, 1)):
+        path = folder / name
+        torch.manual_seed(seed)
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                             max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+        model = tf.LlamaForCausalLM(cfg).float().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.5)
+        model.save_pretrained(path, safe_serialization=True)
+        tok = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w2"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.save(str(path / "tokenizer.json"))
+        paths.append(path)
+    return paths[0], paths[1]
