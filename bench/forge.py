@@ -48,7 +48,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}# assistant:\n{% endif %}"
 )
 # (hidden, layers, heads, kv heads, intermediate); head_dim 64 for both.
-SIZES = {"target": (320, 6, 5, 1, 864), "draft": (192, 2, 3, 1, 512)}
+# (hidden, layers, heads, kv heads, SwiGLU width); head_dim is 64. "demo" is the bundled pair; "large"
+# is the biggest pair worth training in a few GPU minutes, for bench/spec.py (never committed).
+SIZES = {
+    "demo": {"target": (320, 6, 5, 1, 864), "draft": (192, 2, 3, 1, 512)},
+    "large": {"target": (768, 16, 12, 4, 2048), "draft": (256, 2, 4, 1, 704)},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="output folder (default engine/demo)")
     p.add_argument("--stdlib", type=Path, default=None, help="corpus root (default: this interpreter's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=sorted(SIZES), default="demo", help="model sizes (see SIZES)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--steps", type=int, default=3500, help="target optimizer steps")
     p.add_argument("--draft-steps", type=int, default=3000, help="draft optimizer steps")
@@ -136,9 +142,9 @@ def encode_stream(tok: Tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_model(kind: str, vocab: int, seed: int, context: int) -> LlamaForCausalLM:
+def make_model(size: str, kind: str, vocab: int, seed: int, context: int) -> LlamaForCausalLM:
     """`context` is the training window: positions past it were never trained, so say so in config.json."""
-    hidden, layers, heads, kv_heads, inter = SIZES[kind]
+    hidden, layers, heads, kv_heads, inter = SIZES[size][kind]
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64,
@@ -316,11 +322,11 @@ def main(argv: list[str] | None = None) -> None:
           f"[{time.perf_counter() - t0:.0f}s]", flush=True)
 
     budget = args.budget_s
-    target = make_model("target", tok.get_vocab_size(), args.seed, args.seq)
+    target = make_model(args.size, "target", tok.get_vocab_size(), args.seed, args.seq)
     t1 = time.perf_counter()
     steps, best_t = train("target", target, data, val, args.steps, args, device, args.lr, 0.62 * budget)
     t_target = time.perf_counter() - t1
-    draft = make_model("draft", tok.get_vocab_size(), args.seed + 1, args.seq)
+    draft = make_model(args.size, "draft", tok.get_vocab_size(), args.seed + 1, args.seq)
     t2 = time.perf_counter()
     draft_steps, best_d = train("draft", draft, data, val, args.draft_steps, args, device, 1.5 * args.lr,
                         budget - (t2 - t1) if budget else 0.0, teacher=target)
