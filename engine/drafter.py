@@ -58,7 +58,8 @@ class ModelDrafter:
         self.model = load_model(folder, cfg, device, dtype, max_model_len)
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, dtype)
         self.pool = KVPool(layout, num_blocks, device)
-        self.runner = ModelRunner(self.model, self.pool, max_num_seqs, max_model_len, cuda_graphs)
+        # Catching up after a step feeds 1 token (a draft was rejected) or 2 (all were accepted).
+        self.runner = ModelRunner(self.model, self.pool, max_num_seqs, max_model_len, cuda_graphs, (1, 2))
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> Proposal:
         drafts: list[list[int]] = [[] for _ in seqs]
@@ -66,11 +67,15 @@ class ModelDrafter:
         active = [i for i, k in enumerate(ks) if k > 0]
         logits = self._catch_up([seqs[i] for i in active])
         for step in range(max(ks, default=0)):
+            greedy = logits.argmax(-1).tolist()  # one sync for the batch
             for row, i in enumerate(active):
-                token, p = self._choose(seqs[i], logits[row])
-                drafts[i].append(token)
-                if p is not None:
-                    probs[i].append(p)
+                params = seqs[i].params
+                if params.temperature == 0:
+                    drafts[i].append(greedy[row])
+                    continue
+                p = filtered_probs(logits[row], params.temperature, params.top_k, params.top_p)
+                drafts[i].append(int(torch.multinomial(p, 1, generator=seqs[i].generator)))
+                probs[i].append(p)
             active = [i for i in active if len(drafts[i]) < ks[i]]
             if not active:
                 break
@@ -94,17 +99,10 @@ class ModelDrafter:
                 rows[id(s)] = row
         if rest:
             chunks = [(s.draft_cached, s.token_ids[s.draft_cached :]) for s in rest]
-            width = 1 if all(len(c[1]) == 1 for c in chunks) else None
+            longest = max(len(toks) for _, toks in chunks)
+            width = longest if longest <= 2 else None
             for s, out in zip(rest, self.runner.extend(rest, chunks, width=width), strict=True):
                 rows[id(s)] = out[-1]
         for s in seqs:
             s.draft_cached = s.num_tokens
         return torch.stack([rows[id(s)] for s in seqs])
-
-    @staticmethod
-    def _choose(seq: Sequence, logits: Tensor) -> tuple[int, Tensor | None]:
-        p = seq.params
-        if p.temperature == 0:
-            return int(logits.argmax()), None
-        probs = filtered_probs(logits, p.temperature, p.top_k, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=seq.generator)), probs
