@@ -9,7 +9,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from queue import Empty, SimpleQueue
@@ -17,8 +16,7 @@ from queue import Empty, SimpleQueue
 import torch
 
 from optd.engine.config import EngineConfig, EngineError, SamplingParams
-from optd.engine.drafter import ModelDrafter, NgramDrafter
-from optd.engine.knobs import ApplyResult, KnobOutcome, Knobs
+from optd.engine.knobs import ApplyResult, KnobOutcome, Knobs, check_knob
 from optd.engine.kv_cache import BlockAllocator, KVLayout, KVPool
 from optd.engine.loader import load_model, resolve_model_path
 from optd.engine.model_config import ModelConfig
@@ -27,12 +25,12 @@ from optd.engine.runner import ModelRunner
 from optd.engine.sampler import sample
 from optd.engine.scheduler import Scheduler
 from optd.engine.sequence import Sequence
-from optd.engine.spec import verify_greedy, verify_sampled
+from optd.engine.speculator import Speculator, make_drafter
+from optd.engine.streaming import OutputStream, Sink
 from optd.engine.tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("optd.engine")
 Prompt = str | list[int]
-Sink = Callable[[Delta], None]
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,7 +85,7 @@ class Engine:
         self.pool = KVPool(layout, num_blocks + 1, self.device)  # + the scratch block
         self.scheduler = Scheduler(allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
-        self.drafter = self._make_drafter(num_blocks + 1)
+        self.drafter = make_drafter(config, self, num_blocks + 1)
         widths = (1,) if self.drafter is None else tuple(range(1, config.max_spec_length + 2))
         self.runner = ModelRunner(self.model, self.pool, config.max_num_seqs, self.max_model_len,
                                   config.cuda_graphs, widths)
@@ -101,21 +99,11 @@ class Engine:
                                      weight_bytes=self.weight_bytes,
                                      spec_accepted_per_pos=[0] * config.max_spec_length)
         self._step_time: dict[int, float] = {}  # decode step seconds by spec_length, smoothed
-        self._latency = {k: deque(maxlen=1024) for k in ("ttft_s", "itl_s", "e2e_s")}
-        self._sinks: dict[str, Sink] = {}
+        self._stream = OutputStream(self.tokenizer, self.max_model_len, self._counters)
+        self._speculator = self.drafter and Speculator(self.drafter, self.runner, self.max_model_len,
+                                                       self._counters)
         self._thread = threading.Thread(target=self._loop, name="optd-engine", daemon=True)
         self._thread.start()
-
-    def _make_drafter(self, num_blocks: int) -> NgramDrafter | ModelDrafter | None:
-        c = self.config
-        if c.draft_model is None:
-            return None
-        if not 0 <= c.max_spec_length <= 32:
-            raise EngineError(f"max_spec_length must be in 0..32, got {c.max_spec_length}")
-        if c.draft_model == "ngram":
-            return NgramDrafter()
-        return ModelDrafter(c.draft_model, self.tokenizer, self.model_config, num_blocks, self.device,
-                            self.dtype, c.block_size, c.max_num_seqs, self.max_model_len, c.cuda_graphs)
 
     def _num_kv_blocks(self, layout: KVLayout) -> int:
         c = self.config
@@ -176,7 +164,7 @@ class Engine:
             elif k == 0:  # the plain decode path: no drafter work at all
                 new_tokens = [[t] for t in sample(self.runner.decode(seqs), seqs)]
             else:
-                new_tokens = self._speculate(seqs, k)
+                new_tokens = self._speculator.step(seqs, k)
         except Exception as e:  # a kernel or memory fault fails this step's requests, not the engine
             log.exception("step failed")
             for seq in seqs:
@@ -197,86 +185,16 @@ class Engine:
             seq.draft_cached = min(seq.draft_cached, seq.num_cached)
             for token in tokens:
                 seq.token_ids.append(token)
-                self._on_token(seq, token, now)
-                if seq.finish_reason:
+                if reason := self._stream.on_token(seq, token, now):
+                    self._finish(seq, reason)
                     break
             else:
                 self.scheduler.allocator.truncate(seq.blocks, seq.num_cached)
 
-    def _speculate(self, seqs: list[Sequence], k: int) -> list[list[int]]:
-        """Draft up to k tokens per sequence, verify all of them in one target forward."""
-        ks = [max(min(k, s.params.max_tokens - s.num_generated - 1, self.max_model_len - s.num_tokens - 1), 0)
-              for s in seqs]
-        drafts, draft_probs = self.drafter.propose(seqs, ks)
-        chunks = [(s.num_tokens - 1, [s.token_ids[-1], *d]) for s, d in zip(seqs, drafts, strict=True)]
-        logits = self.runner.extend(seqs, chunks, width=k + 1)
-        argmax = torch.cat([rows.argmax(-1) for rows in logits]).tolist()
-        out, first = [], 0
-        c = self._counters
-        for seq, d, dp, rows in zip(seqs, drafts, draft_probs, logits, strict=True):
-            if seq.params.temperature == 0:
-                tokens = verify_greedy(d, argmax[first : first + len(d) + 1])
-            else:
-                tokens = verify_sampled(seq, d, dp, rows)
-            first += len(d) + 1
-            accepted = len(tokens) - 1
-            if d:
-                c.spec_drafts_total += 1
-                c.spec_draft_tokens_total += len(d)
-                c.spec_accepted_tokens_total += accepted
-                for j in range(accepted):
-                    c.spec_accepted_per_pos[j] += 1
-            out.append(tokens)
-        return out
-
-    def _on_token(self, seq: Sequence, token: int, now: float) -> None:
-        self._counters.generation_tokens_total += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        else:
-            self._latency["itl_s"].append(now - seq.last_token_time)
-        seq.last_token_time = now
-        p = seq.params
-        seq.text += seq.detokenizer.step(seq.token_ids)
-        reason = None
-        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
-            reason = "stop"
-        elif p.stop and (cut := _find_stop(seq.text, p.stop, seq.emitted)) is not None:
-            seq.text, reason = seq.text[:cut], "stop"
-        elif seq.num_generated >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason:
-            self._finish(seq, reason)
-            return
-        # Hold back text that could be the start of a stop string.
-        hold = max((len(s) - 1 for s in p.stop), default=0)
-        self._emit(seq, len(seq.text) - hold, [token])
-
-    def _emit(self, seq: Sequence, upto: int, token_ids: list[int], **final) -> None:
-        text = seq.text[seq.emitted : max(upto, seq.emitted)]
-        seq.emitted = max(upto, seq.emitted)
-        sink = self._sinks.get(seq.request_id)
-        if sink is None:
-            return
-        try:
-            sink(Delta(seq.request_id, text, token_ids, prompt_tokens=seq.prompt_len,
-                       completion_tokens=seq.num_generated, **final))
-        except Exception:  # e.g. the consumer's event loop is gone; its request is aborted
-            log.warning("dropping output of %s: its consumer failed", seq.request_id, exc_info=True)
-            self._sinks.pop(seq.request_id, None)
-
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq)
         seq.finish_reason = reason
-        now = time.monotonic()
-        c = self._counters
-        c.requests_finished_total += 1
-        if seq.first_token_time is not None:
-            self._latency["ttft_s"].append(seq.first_token_time - seq.arrival_time)
-            self._latency["e2e_s"].append(now - seq.arrival_time)
-        new = seq.token_ids[-1:] if reason in ("stop", "length") and seq.num_generated else []
-        self._emit(seq, len(seq.text), new, finish_reason=reason, error=error)
-        self._sinks.pop(seq.request_id, None)
+        self._stream.on_finish(seq, time.monotonic(), error)
 
     # ---- the public interface (any thread) ----
 
@@ -333,7 +251,7 @@ class Engine:
 
     def add(self, seq: Sequence, sink: Sink) -> None:
         def command() -> None:
-            self._sinks[seq.request_id] = sink
+            self._stream.sinks[seq.request_id] = sink
             self.scheduler.add(seq)
         self._post(command)
 
@@ -359,7 +277,7 @@ class Engine:
 
         def command() -> None:
             for s in seqs:
-                self._sinks[s.request_id] = sink
+                self._stream.sinks[s.request_id] = sink
                 self.scheduler.add(s)
         self._post(command)
         for _ in seqs:
@@ -384,7 +302,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         def command() -> None:
-            self._sinks.pop(request_id, None)  # whoever aborts is no longer listening
+            self._stream.sinks.pop(request_id, None)  # whoever aborts is no longer listening
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 if seq.request_id == request_id:
                     self._finish(seq, "abort")
@@ -403,7 +321,9 @@ class Engine:
         for name, value in changes.items():
             start = time.perf_counter()
             current = getattr(self._knobs, name, None)
-            reason = self._check_knob(name, value)
+            reason = check_knob(name, value, max_num_seqs=self.config.max_num_seqs,
+                                max_spec_length=self.config.max_spec_length,
+                                has_drafter=self.drafter is not None)
             if reason:
                 result.outcomes[name] = KnobOutcome(name, "rejected", current, value, reason)
                 continue
@@ -413,22 +333,6 @@ class Engine:
             result.outcomes[name] = KnobOutcome(name, "applied", value, value,
                                                 cost_s=time.perf_counter() - start)
         return result
-
-    def _check_knob(self, name: str, value) -> str | None:
-        if name not in Knobs.names():
-            return f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})"
-        if name not in ("max_batch_size", "spec_length"):
-            return f"{name} is not supported by this engine yet"
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"{name} must be an integer, got {value!r}"
-        if name == "spec_length":
-            if self.drafter is None:
-                return "spec_length needs a drafter: start the engine with draft_model set"
-            if not 0 <= value <= self.config.max_spec_length:
-                return f"spec_length must be in 0..{self.config.max_spec_length}, got {value}"
-        elif not 1 <= value <= self.config.max_num_seqs:
-            return f"max_batch_size must be in 1..{self.config.max_num_seqs} (max_num_seqs), got {value}"
-        return None
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -440,7 +344,7 @@ class Engine:
             "kv_blocks_used": s.allocator.num_used,
             "spec_accepted_per_pos": list(self._counters.spec_accepted_per_pos),
             "step_time_s": dict(self._step_time),
-            **{k: list(v) for k, v in self._latency.items()},
+            **{k: list(v) for k, v in self._stream.latency.items()},
         })
 
     def shutdown(self) -> None:
@@ -457,12 +361,6 @@ class Engine:
 
 def _is_token_list(x) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(t, int) for t in x)
-
-
-def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Index where the first stop string starts, looking only where a new match could be."""
-    hits = [i for s in stops if (i := text.find(s, max(emitted - len(s) + 1, 0))) >= 0]
-    return min(hits) if hits else None
 
 
 def _collect(seq: Sequence, deltas: list[Delta]) -> RequestOutput:

@@ -35,3 +35,21 @@ class ApplyResult:
 
     def __getitem__(self, name: str) -> KnobOutcome:
         return self.outcomes[name]
+
+
+def check_knob(name: str, value, *, max_num_seqs: int, max_spec_length: int, has_drafter: bool) -> str | None:
+    """Why `value` cannot be applied to knob `name` by this engine, or None if it can."""
+    if name not in Knobs.names():
+        return f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})"
+    if name not in ("max_batch_size", "spec_length"):
+        return f"{name} is not supported by this engine yet"
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"{name} must be an integer, got {value!r}"
+    if name == "spec_length":
+        if not has_drafter:
+            return "spec_length needs a drafter: start the engine with draft_model set"
+        if not 0 <= value <= max_spec_length:
+            return f"spec_length must be in 0..{max_spec_length}, got {value}"
+    elif not 1 <= value <= max_num_seqs:
+        return f"max_batch_size must be in 1..{max_num_seqs} (max_num_seqs), got {value}"
+    return None
