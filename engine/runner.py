@@ -72,10 +72,10 @@ class ModelRunner:
         graph = self.graphs.get((bucket, width)) if width else None
         if graph is None:  # eager: exactly the rows fed
             widths = [len(toks) for _, toks in chunks]
-            meta, tables = self._row_inputs(seqs, chunks, widths, len(seqs))
+            meta, tables = self.row_inputs(seqs, chunks, widths, len(seqs))
             logits = self._forward(meta.to(self.device), tables.to(self.device))
             return list(logits.split(widths))
-        meta, tables = self._row_inputs(seqs, chunks, [width] * n, bucket)
+        meta, tables = self.row_inputs(seqs, chunks, [width] * n, bucket)
         rows = meta.shape[1]
         self._meta[:, :rows].copy_(meta, non_blocking=True)
         self._tables[:rows].copy_(tables, non_blocking=True)
@@ -83,7 +83,7 @@ class ModelRunner:
         logits = self._logits[:rows].view(bucket, width, -1)
         return [logits[i, : len(toks)] for i, (_, toks) in enumerate(chunks)]
 
-    def _row_inputs(self, seqs: list[Sequence], chunks: list[Chunk], widths: list[int],
+    def row_inputs(self, seqs: list[Sequence], chunks: list[Chunk], widths: list[int],
                     bucket: int) -> tuple[Tensor, Tensor]:
         """Host tensors, one row per fed token, sequence i owning widths[i] rows; padding rows (and
         padding sequences up to `bucket`) write to the scratch block and attend to nothing.
@@ -102,6 +102,26 @@ class ModelRunner:
             r += w
         tables += [empty] * (rows - r)
         return torch.tensor(meta), torch.tensor(tables, dtype=torch.int32)
+
+    # ---- device-resident steps: inputs uploaded once, tokens fed from the device, no host sync ----
+
+    def bucket_for(self, n: int, width: int) -> int | None:
+        """The captured batch bucket that fits n sequences at this width, if any."""
+        bucket = next((b for b in self.buckets if b >= n), None)
+        return bucket if (bucket, width) in self.graphs else None
+
+    def upload(self, *host: Tensor) -> list[Tensor]:
+        """Copy without waiting for the GPU: from pageable memory a copy would sync the stream."""
+        return [t.pin_memory().to(self.device, non_blocking=True) for t in host]
+
+    def replay(self, bucket: int, width: int, meta: Tensor, tables: Tensor) -> Tensor:
+        """Replay the (bucket, width) graph on device inputs; logits [bucket, width, vocab] (a view
+        of the graph's output: read it before the next replay)."""
+        rows = bucket * width
+        self._meta[:, :rows].copy_(meta)
+        self._tables[:rows].copy_(tables)
+        self.graphs[bucket, width].replay()
+        return self._logits[:rows].view(bucket, width, -1)
 
     def _forward(self, meta: Tensor, tables: Tensor) -> Tensor:
         batch = ForwardBatch(meta[1], meta[2], block_tables=tables, context_lens=meta[3].int())

@@ -20,9 +20,18 @@ def make_drafter(config: EngineConfig, target, num_blocks: int) -> Drafter | Non
         raise EngineError(f"max_spec_length must be in 0..32, got {config.max_spec_length}")
     if config.draft_model == "ngram":
         return NgramDrafter()
-    return ModelDrafter(config.draft_model, target.tokenizer, target.model_config, num_blocks, target.device,
-                        target.dtype, config.block_size, config.max_num_seqs, target.max_model_len,
-                        config.cuda_graphs)
+    return ModelDrafter(
+        config.draft_model,
+        target.tokenizer,
+        target.model_config,
+        num_blocks,
+        target.device,
+        target.dtype,
+        config.block_size,
+        config.max_num_seqs,
+        target.max_model_len,
+        config.cuda_graphs,
+    )
 
 
 class Speculator:
@@ -34,8 +43,12 @@ class Speculator:
     def step(self, seqs: list[Sequence], k: int) -> list[list[int]]:
         """New tokens per sequence: the accepted drafts plus one token from the target."""
         # Sequences near max_tokens or max_model_len propose fewer.
-        ks = [max(min(k, s.params.max_tokens - s.num_generated - 1, self.max_model_len - s.num_tokens - 1), 0)
-              for s in seqs]
+        ks = [
+            max(min(k, s.params.max_tokens - s.num_generated - 1, self.max_model_len - s.num_tokens - 1), 0)
+            for s in seqs
+        ]
+        if self._on_device(seqs, ks) and (tokens := self._step_on_device(seqs, ks, k)) is not None:
+            return tokens
         drafts, draft_probs = self.drafter.propose(seqs, ks)
         chunks = [(s.num_tokens - 1, [s.token_ids[-1], *d]) for s, d in zip(seqs, drafts, strict=True)]
         logits = self.runner.extend(seqs, chunks, width=k + 1)
@@ -47,6 +60,34 @@ class Speculator:
             else:
                 tokens = verify_sampled(seq, d, dp, rows)
             first += len(d) + 1
+            if d:
+                self._count(len(d), accepted=len(tokens) - 1)
+            out.append(tokens)
+        return out
+
+    def _on_device(self, seqs: list[Sequence], ks: list[int]) -> bool:
+        return (
+            isinstance(self.drafter, ModelDrafter)
+            and max(ks) > 0
+            and all(s.params.temperature == 0 for s in seqs)
+        )
+
+    def _step_on_device(self, seqs: list[Sequence], ks: list[int], k: int) -> list[list[int]] | None:
+        """Greedy drafting and verification with a single device-to-host read at the end."""
+        bucket = self.runner.bucket_for(len(seqs), k + 1)
+        drafts = self.drafter.propose_on_device(seqs, ks) if bucket else None
+        if drafts is None:
+            return None
+        n, kmax = drafts.shape
+        chunks = [(s.num_tokens - 1, [s.token_ids[-1]] + [0] * ks[i]) for i, s in enumerate(seqs)]
+        meta, tables = self.runner.upload(*self.runner.row_inputs(seqs, chunks, [k + 1] * n, bucket))
+        meta[0].view(bucket, k + 1)[:n, 1 : kmax + 1] = drafts  # the draft tokens, straight from the device
+        target = self.runner.replay(bucket, k + 1, meta, tables)[:n].argmax(-1)
+        host = torch.cat([drafts, target], dim=1).tolist()
+        out = []
+        for i, row in enumerate(host):
+            d = row[: ks[i]]
+            tokens = verify_greedy(d, row[kmax : kmax + ks[i] + 1])
             if d:
                 self._count(len(d), accepted=len(tokens) - 1)
             out.append(tokens)
