@@ -26,6 +26,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--spec-length", type=int, default=0, help="draft tokens per step (needs --draft-model)")
 
 
 async def _stream(engine: Engine, prompt: str, params: SamplingParams) -> tuple[int, float]:
@@ -46,6 +47,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
     prompt = " ".join(args.prompt)
     with Engine(config) as engine:
+        if args.spec_length:
+            outcome = engine.apply(spec_length=args.spec_length)["spec_length"]
+            if outcome.status != "applied":
+                raise EngineError(f"--spec-length: {outcome.reason}")
         if args.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         sys.stdout.write(prompt)

@@ -21,3 +21,12 @@ def test_bad_input_exits_2_with_a_message():
     assert missing.returncode == 2 and "no such checkpoint folder" in missing.stderr
     bad = optd("generate", "--model", "demo", "--max-tokens", "0", "hi")
     assert bad.returncode == 2 and "max_tokens" in bad.stderr
+
+
+def test_generate_with_speculation_and_its_refusal():
+    plain = optd("generate", "--model", "demo", "--max-tokens", "20", "import os")
+    spec = optd("generate", "--model", "demo", "--draft-model", "demo-draft", "--spec-length", "4",
+                "--max-tokens", "20", "import os")
+    assert spec.returncode == 0 and spec.stdout == plain.stdout  # greedy: the same text
+    refused = optd("generate", "--model", "demo", "--spec-length", "4", "x")
+    assert refused.returncode == 2 and "needs a drafter" in refused.stderr
