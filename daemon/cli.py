@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 from optd.engine import Engine, EngineConfig, EngineError, SamplingParams
 
@@ -59,12 +60,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_url(args: argparse.Namespace) -> str:
+    """--db, else the config's store.url, else optd.db in the state directory."""
+    from optd.daemon.config import load_config
+    from optd.daemon.state import state_dir
+
+    config = load_config(args.config, {"store": {"url": args.db}})
+    return config.store.database_url(state_dir(args.state_dir))
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from optd.daemon import db
+
+    url = _database_url(args)
+    if args.db_command == "upgrade":
+        db.upgrade(url, args.revision)
+    elif args.db_command == "downgrade":
+        db.downgrade(url, args.revision)
+    else:
+        from optd.daemon.config import load_config
+
+        retention = args.retention_s or load_config(args.config).store.raw_retention_s
+        result = db.prune(url, retention)
+        print(f"rolled up {result.samples_rolled_up} samples into {result.minutes} one-minute rows")
+    print(f"{url}: schema at {db.current(url)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="one-shot generation, no daemon")
     _generate_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    dbp = sub.add_parser("db", help="database schema and retention")
+    dbp.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")
+    dbp.add_argument("--config", type=Path, default=None, help="daemon config file (YAML)")
+    dbp.add_argument("--state-dir", type=Path, default=None)
+    db_sub = dbp.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="migrate to a revision")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    db_sub.add_parser("downgrade", help="migrate back to a revision").add_argument("revision")
+    prune = db_sub.add_parser("prune", help="roll old raw samples into one-minute rows")
+    prune.add_argument("--retention-s", type=float, default=None, help="keep raw samples this long")
+    dbp.set_defaults(func=cmd_db)
     return parser
 
 
@@ -72,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except EngineError as e:
+    except (EngineError, ValueError) as e:  # bad input: a request, model, config or state file
         print(f"optd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,3 +30,18 @@ def test_generate_with_speculation_and_its_refusal():
     assert spec.returncode == 0 and spec.stdout == plain.stdout  # greedy: the same text
     refused = optd("generate", "--model", "demo", "--spec-length", "4", "x")
     assert refused.returncode == 2 and "needs a drafter" in refused.stderr
+
+
+def test_db_upgrade_prune_downgrade_and_a_bad_config(tmp_path):
+    state = ["--state-dir", str(tmp_path)]
+    up = optd("db", *state, "upgrade")
+    assert up.returncode == 0 and "schema at 0001" in up.stdout
+    assert (tmp_path / "optd.db").exists()
+    pruned = optd("db", *state, "prune", "--retention-s", "60")
+    assert pruned.returncode == 0 and "rolled up 0 samples" in pruned.stdout
+    down = optd("db", *state, "downgrade", "base")
+    assert down.returncode == 0 and "schema at None" in down.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store:\n  nope: 1\n")
+    refused = optd("db", "--config", str(bad), *state, "upgrade")
+    assert refused.returncode == 2 and "bad.yaml:2: store.nope: unknown key" in refused.stderr
