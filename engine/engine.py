@@ -287,7 +287,11 @@ class Engine:
     async def submit(self, prompt: Prompt, params: SamplingParams,
                      request_id: str | None = None) -> AsyncIterator[Delta]:
         """Stream a request's deltas; closing the iterator early aborts the request."""
-        seq = self.make_sequence(prompt, params, request_id)
+        async for delta in self.submit_sequence(self.make_sequence(prompt, params, request_id)):
+            yield delta
+
+    async def submit_sequence(self, seq: Sequence) -> AsyncIterator[Delta]:
+        """Stream a sequence made (and so validated) by make_sequence."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         self.add(seq, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
         finished = False
@@ -346,6 +350,9 @@ class Engine:
             "step_time_s": dict(self._step_time),
             **{k: list(v) for k, v in self._stream.latency.items()},
         })
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
 
     def shutdown(self) -> None:
         self._stopped = True
