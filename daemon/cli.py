@@ -60,6 +60,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from optd.daemon.config import load_config
+    from optd.daemon.serve import serve
+    from optd.daemon.state import state_dir
+
+    overrides = {
+        "engine": {"model": args.model, "draft_model": args.draft_model, "device": args.device},
+        "server": {"host": args.host, "port": args.port},
+        "store": {"url": args.db},
+    }
+    config = load_config(args.config, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(config, state_dir(args.state_dir)))
+
+
 def _database_url(args: argparse.Namespace) -> str:
     """--db, else the config's store.url, else optd.db in the state directory."""
     from optd.daemon.config import load_config
@@ -93,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="one-shot generation, no daemon")
     _generate_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="run the daemon: engine, OpenAI-compatible API, telemetry, store")
+    srv.add_argument("--config", type=Path, default=None, help="YAML config (default /etc/optd/optd.yaml)")
+    srv.add_argument("--model", default=None, help="checkpoint folder, or 'demo'")
+    srv.add_argument("--draft-model", default=None, help="draft folder, 'demo-draft' or 'ngram'")
+    srv.add_argument("--device", default=None)
+    srv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")
+    srv.add_argument("--state-dir", type=Path, default=None)
+    srv.set_defaults(func=cmd_serve)
 
     dbp = sub.add_parser("db", help="database schema and retention")
     dbp.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")

@@ -1,0 +1,106 @@
+"""`optd serve`: the engine, HTTP API, store, telemetry and metrics in one asyncio process.
+
+Start-up: the schema is upgraded, the model loads (systemd is asked for more time while it does), then
+READY=1. SIGTERM: STOPPING=1, stop accepting connections, let in-flight requests finish (up to
+server.drain_timeout_s), flush the store, exit 0. The watchdog is fed from the event loop, and only
+while the engine thread is alive.
+"""
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from optd.daemon import db
+from optd.daemon.app import create_app
+from optd.daemon.config import DaemonConfig
+from optd.daemon.devices import DeviceProbe
+from optd.daemon.metrics import Metrics
+from optd.daemon.sdnotify import (
+    READY,
+    STOPPING,
+    WATCHDOG,
+    Notifier,
+    extend_timeout,
+    status,
+    watchdog_interval,
+)
+from optd.daemon.state import control_token
+from optd.daemon.store import Store
+from optd.daemon.telemetry import RingBuffer, Sampler, TelemetryJob
+from optd.engine import Engine
+
+log = logging.getLogger("optd.serve")
+
+
+def model_name(model: str) -> str:
+    """What clients put in `model`: the bundled name, or the checkpoint folder's name."""
+    return model if model in ("demo",) else Path(model).name
+
+
+async def serve(config: DaemonConfig, state_dir: Path) -> int:
+    notifier = Notifier.from_env()
+    notifier.notify(extend_timeout(900), status("upgrading the database and loading the model"))
+    url = config.store.database_url(state_dir)
+    await asyncio.to_thread(db.upgrade, url)
+    store = Store(url)
+    engine = await asyncio.to_thread(Engine, config.engine_config())
+    secret = config.server.control_token
+    control_token(state_dir, secret.get_secret_value() if secret else None)  # made now: clients read it
+    metrics = Metrics(device=str(engine.device))
+    app = create_app(engine, model_name(config.engine.model), config.server.max_waiting, metrics)
+
+    ring = RingBuffer(config.telemetry.ring_buffer_s, config.telemetry.interval_s)
+    job = TelemetryJob(Sampler(engine.stats, lambda: engine.knobs, DeviceProbe()),
+                       config.telemetry.interval_s, [ring, store.add_sample, metrics.update_sample])
+    server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
+                                           log_level="info", lifespan="off",
+                                           timeout_graceful_shutdown=int(config.server.drain_timeout_s)))
+    server.install_signal_handlers = lambda: None  # ours below: systemd must hear STOPPING=1 first
+
+    def stop() -> None:
+        notifier.notify(STOPPING, status("draining in-flight requests"))
+        server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    job.start(loop)
+    flush = _every(config.store.flush_interval_s, lambda: asyncio.to_thread(store.flush))
+    tasks = [asyncio.create_task(flush)]
+    if (interval := watchdog_interval()) is not None:
+        tasks.append(asyncio.create_task(_every(interval, lambda: _watchdog(notifier, engine))))
+    ready = asyncio.create_task(_announce_ready(server, notifier, config))
+    try:
+        await server.serve()
+    finally:
+        for task in [*tasks, ready]:
+            task.cancel()
+        job.shutdown()
+        store.close()  # flushes what is queued
+        await asyncio.to_thread(engine.shutdown)
+    return 0
+
+
+async def _announce_ready(server: uvicorn.Server, notifier: Notifier, config: DaemonConfig) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else config.server.port
+    log.info("serving %s on %s:%d", config.engine.model, config.server.host, port)
+    notifier.notify(READY, status(f"serving {config.engine.model} on {config.server.host}:{port}"))
+
+
+async def _watchdog(notifier: Notifier, engine: Engine) -> None:
+    if engine.is_alive():
+        notifier.notify(WATCHDOG)
+
+
+async def _every(seconds: float, action) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await action()
+        except Exception:  # a failing periodic job is logged, and retried next time
+            log.exception("periodic job failed")

@@ -1,0 +1,65 @@
+"""`optd serve` as systemd runs it: a real process, a real NOTIFY_SOCKET, SIGTERM while streaming."""
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(120)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    command = [sys.executable, "-m", "optd.daemon.cli", "serve", "--state-dir", str(tmp_path), "--port", "0"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    messages = []
+    while not any("READY=1" in m for m in messages):
+        messages.append(notify.recv(4096).decode())
+    status = next(m for m in messages if "READY=1" in m)
+    port = int(status.rsplit(":", 1)[1].split()[0])
+    yield proc, f"http://127.0.0.1:{port}", notify, messages, tmp_path
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def post(url: str, body: dict):
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    return urllib.request.urlopen(req, timeout=60)
+
+
+def test_serves_records_and_drains_on_sigterm(daemon):
+    proc, base, notify, messages, state = daemon
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages)  # asked for time while loading
+    with post(base + "/v1/completions", {"model": "demo", "prompt": "def f", "max_tokens": 5}) as r:
+        assert json.loads(r.read())["usage"]["completion_tokens"] == 5
+    time.sleep(2.5)
+    with sqlite3.connect(state / "optd.db") as conn:
+        assert conn.execute("select count(*) from samples").fetchone()[0] >= 1
+    assert (state / "control.token").stat().st_mode & 0o777 == 0o600
+
+    stream = post(base + "/v1/completions", {"model": "demo", "prompt": "import", "max_tokens": 200,
+                                              "stream": True})
+    assert stream.readline().startswith(b"data: ")  # the request is in flight
+    proc.send_signal(signal.SIGTERM)
+    rest = stream.read().decode()
+    finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest.splitlines()
+              if line.startswith("data: {")]
+    assert rest.rstrip().endswith("data: [DONE]") and finish[-1] in ("length", "stop")  # not aborted
+    assert proc.wait(timeout=60) == 0
+    stopping = []
+    notify.settimeout(5)
+    while not any("STOPPING=1" in m for m in stopping):
+        stopping.append(notify.recv(4096).decode())
+    with sqlite3.connect(state / "optd.db") as conn:
+        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
