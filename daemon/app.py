@@ -3,14 +3,18 @@
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from optd.daemon.control_api import ControlRoutes
 from optd.daemon.metrics import Metrics
 from optd.daemon.openai_api import OpenAIRoutes
 from optd.engine import Engine
 
 
-def create_app(engine: Engine, model_name: str, max_waiting: int, metrics: Metrics) -> FastAPI:
+def create_app(engine: Engine, model_name: str, max_waiting: int, metrics: Metrics,
+               control: ControlRoutes | None = None) -> FastAPI:
     app = FastAPI(title="optd", docs_url=None, redoc_url=None)
     app.include_router(OpenAIRoutes(engine, model_name, max_waiting).router)
+    if control is not None:
+        app.include_router(control.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

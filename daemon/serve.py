@@ -15,8 +15,10 @@ import uvicorn
 
 from optd.daemon import db
 from optd.daemon.app import create_app
-from optd.daemon.config import DaemonConfig
+from optd.daemon.config import ConfigError, DaemonConfig
+from optd.daemon.control_api import ControlRoutes
 from optd.daemon.devices import DeviceProbe
+from optd.daemon.events import EventHub
 from optd.daemon.metrics import Metrics
 from optd.daemon.sdnotify import (
     READY,
@@ -47,14 +49,27 @@ async def serve(config: DaemonConfig, state_dir: Path) -> int:
     await asyncio.to_thread(db.upgrade, url)
     store = Store(url)
     engine = await asyncio.to_thread(Engine, config.engine_config())
+    config_knobs = config.knobs.model_dump(exclude_none=True)
+    applied = await asyncio.to_thread(engine.apply, **config_knobs)
+    if not applied.ok:
+        engine.shutdown()
+        refused = [f"knobs.{o.name}: {o.reason}" for o in applied.outcomes.values() if o.status != "applied"]
+        raise ConfigError("; ".join(refused))
     secret = config.server.control_token
-    control_token(state_dir, secret.get_secret_value() if secret else None)  # made now: clients read it
+    token = control_token(state_dir, secret.get_secret_value() if secret else None)
     metrics = Metrics(device=str(engine.device))
-    app = create_app(engine, model_name(config.engine.model), config.server.max_waiting, metrics)
-
     ring = RingBuffer(config.telemetry.ring_buffer_s, config.telemetry.interval_s)
-    job = TelemetryJob(Sampler(engine.stats, lambda: engine.knobs, DeviceProbe()),
-                       config.telemetry.interval_s, [ring, store.add_sample, metrics.update_sample])
+    hub = EventHub()
+    control = ControlRoutes(engine, store, token, hub, config_knobs, ring=ring, metrics=metrics)
+    await asyncio.to_thread(control.restore_pins)  # pins survive restarts
+    app = create_app(engine, model_name(config.engine.model), config.server.max_waiting, metrics, control)
+
+    def publish(sample: dict) -> None:
+        hub.publish("sample", sample)
+
+    sampler = Sampler(engine.stats, lambda: engine.knobs, DeviceProbe())
+    subscribers = [ring, store.add_sample, metrics.update_sample, publish]
+    job = TelemetryJob(sampler, config.telemetry.interval_s, subscribers)
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                            log_level="info", lifespan="off",
                                            timeout_graceful_shutdown=int(config.server.drain_timeout_s)))
@@ -62,6 +77,7 @@ async def serve(config: DaemonConfig, state_dir: Path) -> int:
 
     def stop() -> None:
         notifier.notify(STOPPING, status("draining in-flight requests"))
+        hub.close()  # open event streams would otherwise hold the drain until its timeout
         server.should_exit = True
 
     loop = asyncio.get_running_loop()
@@ -69,7 +85,8 @@ async def serve(config: DaemonConfig, state_dir: Path) -> int:
         loop.add_signal_handler(sig, stop)
     job.start(loop)
     flush = _every(config.store.flush_interval_s, lambda: asyncio.to_thread(store.flush))
-    tasks = [asyncio.create_task(flush)]
+    expire = _every(1.0, lambda: asyncio.to_thread(control.expire_pins))
+    tasks = [asyncio.create_task(flush), asyncio.create_task(expire)]
     if (interval := watchdog_interval()) is not None:
         tasks.append(asyncio.create_task(_every(interval, lambda: _watchdog(notifier, engine))))
     ready = asyncio.create_task(_announce_ready(server, notifier, config))

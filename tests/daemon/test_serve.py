@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -63,3 +64,36 @@ def test_serves_records_and_drains_on_sigterm(daemon):
         stopping.append(notify.recv(4096).decode())
     with sqlite3.connect(state / "optd.db") as conn:
         assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_pin_through_the_control_api_survives_a_restart(tmp_path, daemon):
+    proc, base, _, _, state = daemon
+    token = (state / "control.token").read_text().strip()
+    body = json.dumps({"value": 3, "reason": "test"}).encode()
+    unauthorized = urllib.request.Request(base + "/v1/control/knobs/max_batch_size", data=body, method="PUT",
+                                          headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(unauthorized, timeout=30)
+    assert err.value.code == 401
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    pin = urllib.request.Request(base + "/v1/control/knobs/max_batch_size", data=body, method="PUT",
+                                 headers=headers)
+    urllib.request.urlopen(pin, timeout=30).read()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    command = [sys.executable, "-m", "optd.daemon.cli", "serve", "--state-dir", str(state), "--port", "0"]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "again.sock"))
+    notify.settimeout(120)
+    again = subprocess.Popen(command, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "again.sock")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while "READY=1" not in (message := notify.recv(4096).decode()):
+            pass
+        port = int(message.rsplit(":", 1)[1].split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/control/status", timeout=30) as r:
+            status = json.loads(r.read())
+        assert status["knobs"]["max_batch_size"] == 3 and "max_batch_size" in status["pins"]
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=60) == 0

@@ -1,0 +1,364 @@
+"""The control API under /v1/control/: status, knobs and pins, pause/resume, decisions, telemetry, events.
+
+Auth: every write (PUT, DELETE, POST) needs `Authorization: Bearer <token>`; reads are open to loopback
+clients and need the token from anywhere else. Errors use OpenAI's JSON error format.
+
+Pins: `PUT knobs/{name}` applies the value through `engine.apply` and, when the engine applied it,
+stores the pin (source "api"), records a decision and publishes an "override" event; a value the
+engine rejects is a 400 with its reason and changes nothing. `DELETE knobs/{name}` (and a pin's TTL
+running out, see `expire_pins`) puts the knob back at its baseline: the configured value, else the
+value the engine had when these routes were built (its start value). Pins are in the store, so
+`restore_pins()` re-applies them after a restart.
+
+Blocking work (engine.apply waits for the engine thread's next step boundary; the store is SQLite)
+runs in a worker thread, never on the event loop. One lock serializes every knob write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from optd.daemon.events import EventHub, jsonable, sse_message
+from optd.daemon.models import OUTCOMES
+from optd.daemon.openai_api import error
+from optd.engine import Engine, Knobs
+
+log = logging.getLogger(__name__)
+
+MAX_DECISIONS = 1000
+MAX_TELEMETRY_S = 86_400.0
+KEEPALIVE_S = 15.0
+
+
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: Any = Field(...)
+    ttl_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    reason: str = ""
+
+
+class _Failure(Exception):
+    """An error response computed in a worker thread."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.response = error(status, message, param=param, kind=kind)
+
+
+def _is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else None
+    if not host:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _pin_view(pin: Mapping[str, Any]) -> dict[str, Any]:
+    return {"value": pin["value"], "reason": pin.get("reason", ""), "expires_at": pin.get("expires_at"),
+            "source": pin.get("source"), "created_at": pin.get("created_at")}
+
+
+class ControlRoutes:
+    def __init__(self, engine: Engine, store, token: str, hub: EventHub, config_knobs: Mapping[str, Any],
+                 ring=None, *, metrics=None) -> None:
+        if not token:
+            raise ValueError("the control token must not be empty")
+        self.engine, self.store, self.hub, self.ring, self.metrics = engine, store, hub, ring, metrics
+        self._token = token.encode()
+        self.config_knobs = {k: v for k, v in dict(config_knobs).items() if v is not None}
+        # Where an unpinned knob goes back to: what config put it at, else the engine's start value.
+        # Build the routes before restore_pins(), so that this is not a pinned value.
+        self.baseline = {**dataclasses.asdict(engine.knobs), **self.config_knobs}
+        self._write_lock = threading.Lock()
+        r = self.router = APIRouter(prefix="/v1/control")
+        r.add_api_route("/status", self.status, methods=["GET"])
+        r.add_api_route("/knobs", self.knobs, methods=["GET"])
+        r.add_api_route("/knobs/{name}", self.pin, methods=["PUT"])
+        r.add_api_route("/knobs/{name}", self.unpin, methods=["DELETE"])
+        r.add_api_route("/pause", self.pause, methods=["POST"])
+        r.add_api_route("/resume", self.resume, methods=["POST"])
+        r.add_api_route("/decisions", self.decisions, methods=["GET"])
+        r.add_api_route("/telemetry", self.telemetry, methods=["GET"])
+        r.add_api_route("/events", self.events, methods=["GET"])
+
+    # -- auth --
+
+    def _has_token(self, request: Request) -> bool:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return False
+        return hmac.compare_digest(given.strip().encode(), self._token)
+
+    def _denied(self, request: Request, write: bool) -> JSONResponse | None:
+        if self._has_token(request) or (not write and _is_loopback(request)):
+            return None
+        what = "control writes" if write else "control reads from a non-loopback address"
+        return error(401, f"{what} need 'Authorization: Bearer <token>' with the daemon's control token",
+                     kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+    # -- shared pieces --
+
+    def _pins(self) -> dict[str, dict[str, Any]]:
+        return {k: _pin_view(p) for k, p in self.store.pins().items()}
+
+    def _check_engine(self) -> None:
+        if not self.engine.is_alive():
+            raise _Failure(503, "the engine is not running", kind="server_error")
+
+    def _record(self, knob: str, old: Any, new: Any, outcome: str, reason: str, cost_s: float | None,
+                inputs: dict[str, Any]) -> dict[str, Any]:
+        """Record an operator decision, count it, and return it as an event payload."""
+        now = time.time()
+        self.store.add_decision(knob=knob, old_value=old, new_value=new, outcome=outcome, reason=reason,
+                                inputs=inputs, cost_s=cost_s, ts=now)
+        try:
+            self.store.flush()
+        except Exception as e:   # the store keeps or counts the rows; the change itself stands
+            log.warning("could not flush the decision on %s: %s", knob, e)
+        if self.metrics is not None:
+            self.metrics.record_decision(knob, outcome)
+        return {"ts": now, "knob": knob, "old_value": old, "new_value": new, "outcome": outcome,
+                "reason": reason, "cost_s": cost_s, "policy": None, "mode": None, **inputs}
+
+    def _restore(self, name: str, why: str, action: str) -> dict[str, Any]:
+        """Put `name` back at its baseline after its pin went away; return the event payload."""
+        old = getattr(self.engine.knobs, name)
+        target = self.baseline.get(name, old)
+        inputs = {"source": "api", "action": action}
+        if target == old or not self.engine.is_alive():
+            return self._record(name, old, old, "applied", f"{why}; stays at {old!r}", 0.0, inputs)
+        outcome = self.engine.apply(**{name: target})[name]
+        if outcome.status != "applied":
+            log.warning("could not restore %s to %r: %s", name, target, outcome.reason)
+            return self._record(name, old, target, "rejected", f"{why}; restoring {target!r} failed: "
+                                f"{outcome.reason}", outcome.cost_s, inputs)
+        return self._record(name, old, target, "applied", f"{why}; restored to {target!r}", outcome.cost_s,
+                            inputs)
+
+    # -- pins: called by the daemon --
+
+    def restore_pins(self) -> dict[str, dict[str, Any]]:
+        """Re-apply the stored pins that have not expired (at start). A pin the engine now rejects (its
+        envelope changed) is dropped, with a warning and a rejected decision. Returns the pins in force."""
+        with self._write_lock:
+            for name, pin in self.store.pins().items():
+                if name not in Knobs.names():
+                    log.warning("dropping the stored pin of unknown knob %r", name)
+                    self.store.delete_pin(name)
+                    continue
+                old = getattr(self.engine.knobs, name)
+                outcome = self.engine.apply(**{name: pin["value"]})[name]
+                inputs = {"source": pin.get("source") or "api", "action": "restore",
+                          "expires_at": pin.get("expires_at")}
+                if outcome.status == "applied":
+                    log.info("restored the pin %s=%r", name, pin["value"])
+                    event = self._record(name, old, outcome.value, "applied",
+                                         f"pin restored at start: {pin.get('reason') or 'no reason given'}",
+                                         outcome.cost_s, inputs)
+                else:
+                    log.warning("dropping the stored pin %s=%r: %s", name, pin["value"], outcome.reason)
+                    self.store.delete_pin(name)
+                    event = self._record(name, old, pin["value"], "rejected",
+                                         f"stored pin dropped at start: {outcome.reason}", outcome.cost_s,
+                                         inputs)
+                self.hub.publish("override", event)
+            return self._pins()
+
+    def expire_pins(self, now: float | None = None) -> list[str]:
+        """Remove the pins whose TTL ran out and put their knobs back at their baseline, publishing an
+        "override" event each. Blocking (store, engine.apply): call it from a worker thread."""
+        with self._write_lock:
+            expired = self.store.expire_pins(now)
+            for name in expired:
+                if name in Knobs.names():
+                    self.hub.publish("override", self._restore(name, "pin expired", "expire"))
+            return expired
+
+    # -- reads --
+
+    async def status(self, request: Request):
+        if denied := self._denied(request, write=False):
+            return denied
+        return await asyncio.to_thread(self._status)
+
+    def _status(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        total = getattr(stats, "kv_blocks_total", 0) or 0
+        return {
+            "knobs": dataclasses.asdict(self.engine.knobs),
+            "pins": self._pins(),
+            "paused": bool(self.store.get_state("paused", False)),
+            "policy": None,
+            "mode": None,
+            "engine": {"alive": self.engine.is_alive(), "running": stats.requests_running,
+                       "waiting": stats.requests_waiting,
+                       "kv_usage": stats.kv_blocks_used / total if total else None},
+        }
+
+    async def knobs(self, request: Request):
+        if denied := self._denied(request, write=False):
+            return denied
+        pins = await asyncio.to_thread(self._pins)
+        return {"knobs": dataclasses.asdict(self.engine.knobs), "pins": pins, "configured": self.baseline}
+
+    async def decisions(self, request: Request):
+        if denied := self._denied(request, write=False):
+            return denied
+        q = request.query_params
+        try:
+            limit = int(q.get("limit", "100"))
+        except ValueError:
+            return error(400, f"limit must be an integer, got {q.get('limit')!r}", param="limit")
+        if not 1 <= limit <= MAX_DECISIONS:
+            return error(400, f"limit must be in 1..{MAX_DECISIONS}, got {limit}", param="limit")
+        knob, outcome = q.get("knob"), q.get("outcome")
+        if knob is not None and knob not in Knobs.names():
+            return error(400, f"unknown knob {knob!r} (knobs: {', '.join(Knobs.names())})", param="knob")
+        if outcome is not None and outcome not in OUTCOMES:
+            return error(400, f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}",
+                         param="outcome")
+        rows = await asyncio.to_thread(self.store.decisions, limit=limit, knob=knob, outcome=outcome)
+        return JSONResponse(jsonable({"decisions": rows}))
+
+    async def telemetry(self, request: Request):
+        if denied := self._denied(request, write=False):
+            return denied
+        raw = request.query_params.get("seconds", "60")
+        try:
+            seconds = float(raw)
+        except ValueError:
+            return error(400, f"seconds must be a number, got {raw!r}", param="seconds")
+        if not 0 < seconds <= MAX_TELEMETRY_S:
+            return error(400, f"seconds must be in (0, {MAX_TELEMETRY_S:g}], got {raw}", param="seconds")
+        since = time.time() - seconds
+        if self.ring is not None:
+            samples = [s for s in self.ring.samples() if (s.get("ts") or 0) >= since]
+        else:
+            samples = await asyncio.to_thread(self.store.recent_samples, since)
+        return JSONResponse(jsonable({"samples": samples}))
+
+    async def events(self, request: Request):
+        if denied := self._denied(request, write=False):
+            return denied
+        kinds = {k for k in request.query_params.get("kinds", "").split(",") if k} or None
+        sub = self.hub.subscribe()
+        return StreamingResponse(self._stream(sub, kinds), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _stream(self, sub, kinds: set[str] | None) -> AsyncIterator[str]:
+        reported = 0
+        try:
+            yield ": connected\n\n"
+            while True:
+                try:
+                    event = await sub.get(timeout=KEEPALIVE_S)
+                except StopAsyncIteration:
+                    return
+                if sub.dropped > reported:
+                    yield sse_message("dropped", {"count": sub.dropped - reported})
+                    reported = sub.dropped
+                if event is None:
+                    yield ": keepalive\n\n"
+                elif kinds is None or event[0] in kinds:
+                    yield sse_message(*event)
+        finally:
+            sub.close()
+
+    # -- writes --
+
+    async def pin(self, name: str, request: Request):
+        if denied := self._denied(request, write=True):
+            return denied
+        if name not in Knobs.names():
+            return error(404, f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})",
+                         param="name", kind="not_found_error")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error(400, f"request body is not valid JSON: {e}")
+        try:
+            req = PinRequest.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            why = "is not a known field" if first["type"] == "extra_forbidden" else first["msg"]
+            return error(400, f"{param}: {why}" if param else why, param=param)
+        try:
+            result, event = await asyncio.to_thread(self._pin, name, req)
+        except _Failure as f:
+            return f.response
+        self.hub.publish("override", event)
+        return result
+
+    def _pin(self, name: str, req: PinRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+        with self._write_lock:
+            self._check_engine()
+            old = getattr(self.engine.knobs, name)
+            outcome = self.engine.apply(**{name: req.value})[name]
+            if outcome.status != "applied":
+                raise _Failure(400, outcome.reason or f"{name}: {outcome.status}", param="value")
+            try:
+                pin = self.store.set_pin(name, outcome.value, reason=req.reason, ttl_s=req.ttl_s,
+                                         source="api")
+            except Exception as e:
+                log.error("could not store the pin %s=%r, undoing it: %s", name, req.value, e)
+                self.engine.apply(**{name: old})
+                raise _Failure(503, f"could not store the pin: {e}", kind="server_error") from e
+            reason = f"pinned by operator: {req.reason}" if req.reason else "pinned by operator"
+            event = self._record(name, old, outcome.value, "applied", reason, outcome.cost_s,
+                                 {"source": "api", "action": "pin", "expires_at": pin["expires_at"]})
+            result = {"knob": name, "value": outcome.value, "pin": _pin_view(pin), "cost_s": outcome.cost_s}
+            return result, event
+
+    async def unpin(self, name: str, request: Request):
+        if denied := self._denied(request, write=True):
+            return denied
+        if name not in Knobs.names():
+            return error(404, f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})",
+                         param="name", kind="not_found_error")
+        try:
+            result, event = await asyncio.to_thread(self._unpin, name)
+        except _Failure as f:
+            return f.response
+        self.hub.publish("override", event)
+        return result
+
+    def _unpin(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        with self._write_lock:
+            self._check_engine()
+            if not self.store.delete_pin(name):
+                raise _Failure(404, f"{name} is not pinned", param="name", kind="not_found_error")
+            event = self._restore(name, "unpinned by operator", "unpin")
+            return {"knob": name, "value": getattr(self.engine.knobs, name), "outcome": event["outcome"],
+                    "reason": event["reason"]}, event
+
+    async def pause(self, request: Request):
+        return await self._set_paused(request, True)
+
+    async def resume(self, request: Request):
+        return await self._set_paused(request, False)
+
+    async def _set_paused(self, request: Request, paused: bool):
+        if denied := self._denied(request, write=True):
+            return denied
+        await asyncio.to_thread(self.store.set_state, "paused", paused)
+        self.hub.publish("pause" if paused else "resume", {"ts": time.time(), "paused": paused})
+        return {"paused": paused}
