@@ -77,6 +77,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config, state_dir(args.state_dir)))
 
 
+def cmd_client(args: argparse.Namespace) -> int:
+    from optd.daemon.client import run
+
+    return run(args)
+
+
+def client_args(parser: argparse.ArgumentParser) -> None:
+    from optd.daemon.client import add_arguments
+
+    add_arguments(parser)
+
+
 def _database_url(args: argparse.Namespace) -> str:
     """--db, else the config's store.url, else optd.db in the state directory."""
     from optd.daemon.config import load_config
@@ -121,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")
     srv.add_argument("--state-dir", type=Path, default=None)
     srv.set_defaults(func=cmd_serve)
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help)
+        client_args(parser)
+        parser.set_defaults(func=cmd_client)
+        return parser
+
+    client("status", "the daemon's knobs, pins, policy and engine state")
+    knobs = client("knobs", "show knobs; set (pin) or unpin one")
+    knob_sub = knobs.add_subparsers(dest="knobs_command")
+    pin = knob_sub.add_parser("set", help="pin a knob to a value")
+    pin.add_argument("name")
+    pin.add_argument("value")
+    pin.add_argument("--ttl", type=float, default=None, help="seconds until the pin expires")
+    pin.add_argument("--reason", default=None)
+    knob_sub.add_parser("unpin", help="release a pinned knob").add_argument("name")
+    client("pause", "pause automation")
+    client("resume", "resume automation")
+    client("decisions", "recent decisions, newest first").add_argument("--limit", type=int, default=20)
 
     dbp = sub.add_parser("db", help="database schema and retention")
     dbp.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")

@@ -97,3 +97,27 @@ def test_a_pin_through_the_control_api_survives_a_restart(tmp_path, daemon):
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(timeout=60) == 0
+
+
+def test_cli_clients_against_the_daemon(daemon):
+    _, base, _, _, state = daemon
+
+    def optd(*args):
+        common = ["--url", base, "--state-dir", str(state)]
+        return subprocess.run([sys.executable, "-m", "optd.daemon.cli", *args[:1], *common, *args[1:]],
+                              capture_output=True, text=True, timeout=60)
+
+    pinned = optd("knobs", "set", "max_batch_size", "2", "--reason", "cli test")
+    assert pinned.returncode == 0 and "max_batch_size pinned at 2" in pinned.stdout
+    shown = optd("status", "--json")
+    assert json.loads(shown.stdout)["knobs"]["max_batch_size"] == 2
+    refused = optd("knobs", "set", "max_batch_size", "0")
+    assert refused.returncode == 2 and "max_batch_size must be in 1.." in refused.stderr
+    assert optd("pause").stdout.strip() == "automation paused"
+    assert json.loads(optd("status", "--json").stdout)["paused"] is True
+    assert optd("resume").returncode == 0
+    assert "cli test" in optd("decisions").stdout
+    assert optd("knobs", "unpin", "max_batch_size").returncode == 0
+    command = [sys.executable, "-m", "optd.daemon.cli", "pause", "--url", base, "--token", "x" * 20]
+    wrong = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "401" in wrong.stderr
