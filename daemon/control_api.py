@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import hmac
 import ipaddress
-import json
 import logging
 import threading
 import time
@@ -29,11 +28,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from optd.daemon.events import EventHub, jsonable, sse_message
 from optd.daemon.models import OUTCOMES
-from optd.daemon.openai_api import error
+from optd.daemon.openai_api import error, parse_body
 from optd.engine import Engine, Knobs
 
 log = logging.getLogger(__name__)
@@ -284,23 +283,21 @@ class ControlRoutes:
 
     # -- writes --
 
-    async def pin(self, name: str, request: Request):
+    def _refuse_knob_write(self, request: Request, name: str) -> JSONResponse | None:
+        """401 without the token, 404 for a knob that does not exist, else None."""
         if denied := self._denied(request, write=True):
             return denied
         if name not in Knobs.names():
             return error(404, f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})",
                          param="name", kind="not_found_error")
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(400, f"request body is not valid JSON: {e}")
-        try:
-            req = PinRequest.model_validate(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            why = "is not a known field" if first["type"] == "extra_forbidden" else first["msg"]
-            return error(400, f"{param}: {why}" if param else why, param=param)
+        return None
+
+    async def pin(self, name: str, request: Request):
+        if refused := self._refuse_knob_write(request, name):
+            return refused
+        req = await parse_body(request, PinRequest, unknown_field="is not a known field")
+        if isinstance(req, JSONResponse):
+            return req
         try:
             result, event = await asyncio.to_thread(self._pin, name, req)
         except _Failure as f:
@@ -329,11 +326,8 @@ class ControlRoutes:
             return result, event
 
     async def unpin(self, name: str, request: Request):
-        if denied := self._denied(request, write=True):
-            return denied
-        if name not in Knobs.names():
-            return error(404, f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})",
-                         param="name", kind="not_found_error")
+        if refused := self._refuse_knob_write(request, name):
+            return refused
         try:
             result, event = await asyncio.to_thread(self._unpin, name)
         except _Failure as f:

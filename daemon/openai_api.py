@@ -63,6 +63,22 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+async def parse_body(request: Request, schema: type[BaseModel],
+                     unknown_field: str = "is not supported") -> BaseModel | JSONResponse:
+    """The request's JSON body validated against `schema`, or a 400 naming the offending field."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return error(400, f"request body is not valid JSON: {e}")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        why = unknown_field if first["type"] == "extra_forbidden" else first["msg"]
+        return error(400, f"{param}: {why}" if param else why, param=param)
+
+
 class OpenAIRoutes:
     def __init__(self, engine: Engine, model_name: str, max_waiting: int, default_max_tokens: int = 256):
         self.engine, self.model_name = engine, model_name
@@ -84,17 +100,9 @@ class OpenAIRoutes:
         return await self._handle(request, ChatRequest, chat=True)
 
     async def _handle(self, request: Request, schema: type[_Common], chat: bool):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(400, f"request body is not valid JSON: {e}")
-        try:
-            req = schema.model_validate(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"])
-            why = "is not supported" if first["type"] == "extra_forbidden" else first["msg"]
-            return error(400, f"{param}: {why}", param=param)
+        req = await parse_body(request, schema)
+        if isinstance(req, JSONResponse):
+            return req
         if req.model != self.model_name:
             return error(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                          param="model", kind="not_found_error")
