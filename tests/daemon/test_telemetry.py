@@ -144,8 +144,7 @@ def test_acceptance_from_spec_counters(spec_engine):
     proposed = after.spec_draft_tokens_total - before.spec_draft_tokens_total
     accepted = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
     assert s["spec_length"] == 4
-    if drafts == 0:
-        pytest.skip("the n-gram drafter proposed nothing on this prompt")
+    assert drafts > 0  # the prompt repeats itself: prompt lookup must propose
     assert s["acceptance_rate"] == pytest.approx(accepted / proposed)
     assert s["acceptance_length"] == pytest.approx(1 + accepted / drafts)
     assert 0 <= s["acceptance_rate"] <= 1 and 1 <= s["acceptance_length"] <= 5
