@@ -99,44 +99,8 @@ class ModelDrafter:
                 s.draft_cached = s.num_tokens + len(d) - 1  # the engine clamps it to what is accepted
         return drafts, [torch.stack(p) if p else None for p in probs]
 
-    def propose_on_device(self, seqs: list[Sequence], ks: list[int]) -> Tensor | None:
-        """Greedy drafts [len(seqs), max(ks)] left on the device (entries past ks[i] are junk): every
-        step replays a graph fed by the previous step's argmax, with no host round trip between.
-        None when the step does not fit the captured graphs (then `propose` does it on the host)."""
-        r, n, kmax = self.runner, len(seqs), max(ks)
-        chunks = [
-            (s.draft_cached, s.token_ids[s.draft_cached :] if k else [])
-            for s, k in zip(seqs, ks, strict=True)
-        ]
-        bucket = r.bucket_for(n, 2)
-        if bucket is None or any(
-            s.draft_cached == 0 or len(c[1]) > 2 for s, c in zip(seqs, chunks, strict=True)
-        ):
-            return None
-        first, tables2 = r.row_inputs(seqs, chunks, [2] * n, bucket)
-        # Later steps feed one draft token each at known positions; tokens are placeholders.
-        steps = [
-            r.row_inputs(
-                seqs,
-                [(s.num_tokens + j - 1, [0] if j < k else []) for s, k in zip(seqs, ks, strict=True)],
-                [1] * n,
-                bucket,
-            )
-            for j in range(1, kmax)
-        ]
-        tables1 = steps[0][1] if steps else tables2[::2]
-        metas = torch.stack([m for m, _ in steps]) if steps else torch.zeros(0, 4, bucket, dtype=torch.long)
-        last_row = torch.tensor([max(len(c[1]), 1) - 1 for c in chunks])
-        first, tables2, metas, tables1, last_row = r.upload(first, tables2, metas, tables1, last_row)
-        logits = r.replay(bucket, 2, first, tables2)
-        drafts = [logits[torch.arange(n, device=logits.device), last_row].argmax(-1)]
-        for meta in metas:
-            meta[0, :n] = drafts[-1]
-            drafts.append(r.replay(bucket, 1, meta, tables1)[:n, 0].argmax(-1))
-        for s, k in zip(seqs, ks, strict=True):
-            if k:
-                s.draft_cached = s.num_tokens + k - 1  # the engine clamps it to what is accepted
-        return torch.stack(drafts, dim=1)
+    def prefill(self, seqs: list[Sequence]) -> None:
+        self._catch_up(seqs)
 
     def _catch_up(self, seqs: list[Sequence]) -> Tensor:
         """Bring each sequence's draft cache up to its tokens; returns the last row's logits each."""

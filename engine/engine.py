@@ -101,7 +101,8 @@ class Engine:
         self._step_time: dict[int, float] = {}  # decode step seconds by spec_length, smoothed
         self._stream = OutputStream(self.tokenizer, self.max_model_len, self._counters)
         self._speculator = self.drafter and Speculator(self.drafter, self.runner, self.max_model_len,
-                                                       self._counters)
+                                                       self._counters, config.max_spec_length,
+                                                       config.cuda_graphs)
         self._thread = threading.Thread(target=self._loop, name="optd-engine", daemon=True)
         self._thread.start()
 
@@ -161,6 +162,8 @@ class Engine:
         try:
             if step.is_prefill:
                 new_tokens = [[t] for t in sample(self.runner.prefill(seqs), seqs)]
+                if k > 0:
+                    self._speculator.prefill(seqs)
             elif k == 0:  # the plain decode path: no drafter work at all
                 new_tokens = [[t] for t in sample(self.runner.decode(seqs), seqs)]
             else:

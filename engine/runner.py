@@ -103,26 +103,6 @@ class ModelRunner:
         tables += [empty] * (rows - r)
         return torch.tensor(meta), torch.tensor(tables, dtype=torch.int32)
 
-    # ---- device-resident steps: inputs uploaded once, tokens fed from the device, no host sync ----
-
-    def bucket_for(self, n: int, width: int) -> int | None:
-        """The captured batch bucket that fits n sequences at this width, if any."""
-        bucket = next((b for b in self.buckets if b >= n), None)
-        return bucket if (bucket, width) in self.graphs else None
-
-    def upload(self, *host: Tensor) -> list[Tensor]:
-        """Copy without waiting for the GPU: from pageable memory a copy would sync the stream."""
-        return [t.pin_memory().to(self.device, non_blocking=True) for t in host]
-
-    def replay(self, bucket: int, width: int, meta: Tensor, tables: Tensor) -> Tensor:
-        """Replay the (bucket, width) graph on device inputs; logits [bucket, width, vocab] (a view
-        of the graph's output: read it before the next replay)."""
-        rows = bucket * width
-        self._meta[:, :rows].copy_(meta)
-        self._tables[:rows].copy_(tables)
-        self.graphs[bucket, width].replay()
-        return self._logits[:rows].view(bucket, width, -1)
-
     def _forward(self, meta: Tensor, tables: Tensor) -> Tensor:
         batch = ForwardBatch(meta[1], meta[2], block_tables=tables, context_lens=meta[3].int())
         return self.model(meta[0], batch, self.pool)

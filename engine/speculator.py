@@ -4,6 +4,7 @@ import torch
 
 from optd.engine.config import EngineConfig, EngineError
 from optd.engine.drafter import ModelDrafter, NgramDrafter
+from optd.engine.fused_spec import FusedGreedySpec
 from optd.engine.outputs import EngineStats
 from optd.engine.runner import ModelRunner
 from optd.engine.sequence import Sequence
@@ -35,10 +36,20 @@ def make_drafter(config: EngineConfig, target, num_blocks: int) -> Drafter | Non
 
 
 class Speculator:
-    def __init__(self, drafter: Drafter, runner: ModelRunner, max_model_len: int, counters: EngineStats):
+    def __init__(self, drafter: Drafter, runner: ModelRunner, max_model_len: int, counters: EngineStats,
+                 max_k: int, cuda_graphs: bool):
         self.drafter, self.runner = drafter, runner
+        # Greedy steps with a draft model run as one program (one CUDA graph per bucket and k).
+        self.fused = None
+        if isinstance(drafter, ModelDrafter) and max_k > 0:
+            self.fused = FusedGreedySpec(runner, drafter.runner, max_k, cuda_graphs)
         self.max_model_len = max_model_len
         self.counters = counters
+
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """Fill the draft's cache alongside the target's, so the first speculative step can be fused."""
+        if isinstance(self.drafter, ModelDrafter):
+            self.drafter.prefill(seqs)
 
     def step(self, seqs: list[Sequence], k: int) -> list[list[int]]:
         """New tokens per sequence: the accepted drafts plus one token from the target."""
@@ -47,8 +58,9 @@ class Speculator:
             max(min(k, s.params.max_tokens - s.num_generated - 1, self.max_model_len - s.num_tokens - 1), 0)
             for s in seqs
         ]
-        if self._on_device(seqs, ks) and (tokens := self._step_on_device(seqs, ks, k)) is not None:
-            return tokens
+        if self.fused and max(ks) > 0 and all(s.params.temperature == 0 for s in seqs) \
+                and self.fused.fits(seqs, ks):
+            return self._step_fused(seqs, ks, k)
         drafts, draft_probs = self.drafter.propose(seqs, ks)
         chunks = [(s.num_tokens - 1, [s.token_ids[-1], *d]) for s, d in zip(seqs, drafts, strict=True)]
         logits = self.runner.extend(seqs, chunks, width=k + 1)
@@ -65,31 +77,12 @@ class Speculator:
             out.append(tokens)
         return out
 
-    def _on_device(self, seqs: list[Sequence], ks: list[int]) -> bool:
-        return (
-            isinstance(self.drafter, ModelDrafter)
-            and max(ks) > 0
-            and all(s.params.temperature == 0 for s in seqs)
-        )
-
-    def _step_on_device(self, seqs: list[Sequence], ks: list[int], k: int) -> list[list[int]] | None:
-        """Greedy drafting and verification with a single device-to-host read at the end."""
-        bucket = self.runner.bucket_for(len(seqs), k + 1)
-        drafts = self.drafter.propose_on_device(seqs, ks) if bucket else None
-        if drafts is None:
-            return None
-        n, kmax = drafts.shape
-        chunks = [(s.num_tokens - 1, [s.token_ids[-1]] + [0] * ks[i]) for i, s in enumerate(seqs)]
-        meta, tables = self.runner.upload(*self.runner.row_inputs(seqs, chunks, [k + 1] * n, bucket))
-        meta[0].view(bucket, k + 1)[:n, 1 : kmax + 1] = drafts  # the draft tokens, straight from the device
-        target = self.runner.replay(bucket, k + 1, meta, tables)[:n].argmax(-1)
-        host = torch.cat([drafts, target], dim=1).tolist()
+    def _step_fused(self, seqs: list[Sequence], ks: list[int], k: int) -> list[list[int]]:
         out = []
-        for i, row in enumerate(host):
-            d = row[: ks[i]]
-            tokens = verify_greedy(d, row[kmax : kmax + ks[i] + 1])
-            if d:
-                self._count(len(d), accepted=len(tokens) - 1)
+        for row, ki in zip(self.fused.run(seqs, ks, k), ks, strict=True):
+            tokens = verify_greedy(row[:ki], row[k : k + ki + 1])
+            if ki:
+                self._count(ki, accepted=len(tokens) - 1)
             out.append(tokens)
         return out
 

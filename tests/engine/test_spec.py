@@ -8,6 +8,8 @@ import torch
 
 from optd.engine import Engine, EngineConfig, EngineError, SamplingParams
 from optd.engine import spec as spec_module
+from optd.engine.fused_spec import FusedGreedySpec
+from optd.engine.loader import BUNDLED
 from tests.engine.checkpoints import make_checkpoint, make_tiny_vocab_pair
 from tests.engine.test_batching import prompts
 
@@ -48,6 +50,21 @@ def test_greedy_is_exact_for_every_k_with_a_random_pair(random_pair):
         # random drafts are mostly rejected: many rollbacks happened
         stats = engine.stats()
     assert stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total / 2
+
+
+def test_a_draft_identical_to_the_target_has_every_proposal_accepted(monkeypatch):
+    """Exactness holds whatever the draft proposes; this checks the proposals themselves, through the
+    fused program that greedy steps use (a wrong position or cache slot there would show as rejections)."""
+    fused_steps = []
+    run = FusedGreedySpec.run
+    monkeypatch.setattr(FusedGreedySpec, "run", lambda self, *a: fused_steps.append(1) or run(self, *a))
+    config = EngineConfig(model="demo", draft_model=str(BUNDLED["demo"]), max_num_seqs=8)
+    with Engine(config) as engine:
+        engine.apply(spec_length=4)
+        engine.generate(PYTHON_PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True))
+        s = engine.stats()
+    assert len(fused_steps) > 5
+    assert s.spec_accepted_tokens_total / s.spec_draft_tokens_total > 0.97, s
 
 
 def test_greedy_is_exact_with_ngram():
