@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint
 demo: $(VENV)/.installed
-	$(BIN)/optd generate --model demo --max-tokens 64 "def fib(n):"
+	$(BIN)/optd serve --demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .

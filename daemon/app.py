@@ -6,13 +6,18 @@ from fastapi.responses import JSONResponse
 from optd.daemon.control_api import ControlRoutes
 from optd.daemon.metrics import Metrics
 from optd.daemon.openai_api import OpenAIRoutes
+from optd.daemon.request_log import RequestLog
 from optd.engine import Engine
 
 
 def create_app(engine: Engine, model_name: str, max_waiting: int, metrics: Metrics,
-               control: ControlRoutes | None = None) -> FastAPI:
+               control: ControlRoutes | None = None, requests: RequestLog | None = None) -> FastAPI:
+    """`requests` receives every finished request; by default one feeding only `metrics`' histograms."""
     app = FastAPI(title="optd", docs_url=None, redoc_url=None)
-    app.include_router(OpenAIRoutes(engine, model_name, max_waiting).router)
+    requests = requests if requests is not None else RequestLog(metrics=metrics)
+    # Kept on app.state: a SIGHUP reload changes its max_waiting (optd.daemon.reload).
+    app.state.openai = OpenAIRoutes(engine, model_name, max_waiting, requests=requests)
+    app.include_router(app.state.openai.router)
     if control is not None:
         app.include_router(control.router)
 

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import functools
 import sys
 import time
 from pathlib import Path
@@ -72,9 +73,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "server": {"host": args.host, "port": args.port},
         "store": {"url": args.db},
     }
-    config = load_config(args.config, overrides)
+    # --demo changes defaults only: the config file, OPTD_* variables and flags still win.
+    from optd.daemon.load import DEMO_CONFIG
+
+    defaults = DEMO_CONFIG if args.demo else None
+    config = load_config(args.config, overrides, defaults=defaults)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(config, state_dir(args.state_dir)))
+    # SIGHUP loads the configuration again from the same sources, flags included.
+    reload = functools.partial(load_config, args.config, overrides, defaults=defaults)
+    return asyncio.run(serve(config, state_dir(args.state_dir), demo=args.demo, load=reload))
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from optd.daemon.load import run_cli
+
+    return run_cli(args)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -111,7 +124,8 @@ def cmd_db(args: argparse.Namespace) -> int:
 
         retention = args.retention_s or load_config(args.config).store.raw_retention_s
         result = db.prune(url, retention)
-        print(f"rolled up {result.samples_rolled_up} samples into {result.minutes} one-minute rows")
+        print(f"rolled up {result.samples_rolled_up} samples into {result.minutes} one-minute rows; "
+              f"deleted {result.requests_deleted} request records")
     print(f"{url}: schema at {db.current(url)}")
     return 0
 
@@ -132,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="port (default 8000; 0 picks a free one)")
     srv.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")
     srv.add_argument("--state-dir", type=Path, default=None)
+    srv.add_argument("--demo", action="store_true",
+                     help="the bundled demo pair with speculation on, and a built-in load at a modest rate")
     srv.set_defaults(func=cmd_serve)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
@@ -152,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     client("pause", "pause automation")
     client("resume", "resume automation")
     client("decisions", "recent decisions, newest first").add_argument("--limit", type=int, default=20)
+
+    from optd.daemon.load import add_arguments as load_args
+
+    load = sub.add_parser("load", help="generate OpenAI-API load and report throughput, latency, goodput")
+    load_args(load)
+    load.set_defaults(func=cmd_load)
 
     dbp = sub.add_parser("db", help="database schema and retention")
     dbp.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")

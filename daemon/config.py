@@ -118,6 +118,16 @@ class TelemetrySection(BaseModel):
     ring_buffer_s: float = Field(3600.0, gt=0)
 
 
+class SloSection(BaseModel):
+    """Latency objectives a finished request must meet for its tokens to count in the telemetry's
+    `goodput_tokens_per_s` (seconds; null leaves that bound unchecked). Defaults: the balanced policy's."""
+
+    model_config = _SECTION
+
+    ttft_p95_s: float | None = Field(0.8, gt=0)
+    itl_p95_s: float | None = Field(0.06, gt=0)
+
+
 class MqttSection(BaseModel):
     model_config = _SECTION
 
@@ -146,6 +156,7 @@ class DaemonConfig(BaseSettings):
     server: ServerSection = ServerSection()
     store: StoreSection = StoreSection()
     telemetry: TelemetrySection = TelemetrySection()
+    slo: SloSection = SloSection()
     policy: str | None = None                    # policy file path or preset name; None: no policy
     mqtt: MqttSection = Field(default_factory=MqttSection)
 
@@ -180,11 +191,13 @@ class DaemonConfig(BaseSettings):
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None, *,
-                default_path: Path = DEFAULT_CONFIG_PATH) -> DaemonConfig:
-    """Defaults < `path` (else `default_path` if it exists) < OPTD_* environment < `overrides`.
+                default_path: Path = DEFAULT_CONFIG_PATH, defaults: Mapping[str, Any] | None = None
+                ) -> DaemonConfig:
+    """Defaults < `defaults` < `path` (else `default_path` if it exists) < OPTD_* environment < `overrides`.
 
-    `overrides` is nested like the file ({"server": {"port": 9000}}); None values mean "flag not
-    given" and are dropped, so a CLI can pass every flag unconditionally.
+    `overrides` and `defaults` are nested like the file ({"server": {"port": 9000}}); None values in
+    `overrides` mean "flag not given" and are dropped, so a CLI can pass every flag unconditionally.
+    `defaults` replaces built-in defaults (as `serve --demo` does) without outranking any source.
     """
     if path is None and default_path.is_file():
         path = default_path
@@ -194,7 +207,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None, *
     except SettingsError as e:                   # e.g. OPTD_SERVER='{not json'
         raise ConfigError(f"environment: {e}") from None
     flags = _drop_none(overrides or {})
-    merged = _merge(_merge(file_data, env_data), flags)
+    merged = _merge(_merge(_merge(defaults or {}, file_data), env_data), flags)
     try:
         # The environment is read again underneath `merged`; harmless, as `merged` already holds it.
         return DaemonConfig.model_validate(merged)

@@ -20,6 +20,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 OUTCOMES = ("applied", "rejected", "rolled_back")
+# How a request recorded in `requests` ended (see optd.daemon.request_log for which requests are recorded).
+REQUEST_STATUSES = ("ok", "error", "aborted", "rejected")
 
 # Deterministic constraint and index names: SQLite batch migrations recreate tables and must be able
 # to name what they drop, and PostgreSQL must end up with the same names as SQLite.
@@ -123,9 +125,16 @@ class PolicyVersion(Base):
 
 
 class RequestRecord(Base):
-    """One finished inference request."""
+    """One request the OpenAI API accepted for this model, however it ended (optd.daemon.request_log).
+
+    Latencies are seconds as the HTTP layer saw them; `itl_mean_s`/`itl_max_s` summarize the gaps between
+    consecutive tokens (None with fewer than two). The knob columns hold the values in force when the
+    request finished."""
 
     __tablename__ = "requests"
+    __table_args__ = (
+        CheckConstraint("status IN ('ok', 'error', 'aborted', 'rejected')", name="status"),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     # Not unique: a duplicate id from a client must not make a whole batch of telemetry fail.
     request_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -135,3 +144,15 @@ class RequestRecord(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Added by revision 0002.
+    finished_at: Mapped[float] = mapped_column(Float)
+    endpoint: Mapped[str] = mapped_column(String(32))            # "completions" | "chat"
+    streamed: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[str] = mapped_column(String(16))              # one of REQUEST_STATUSES
+    itl_mean_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    itl_max_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    spec_length: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    kv_compression: Mapped[float | None] = mapped_column(Float, nullable=True)
+    weight_bits: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)

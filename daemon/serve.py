@@ -2,13 +2,14 @@
 
 Start-up: the schema is upgraded, the model loads (systemd is asked for more time while it does), then
 READY=1. SIGTERM: STOPPING=1, stop accepting connections, let in-flight requests finish (up to
-server.drain_timeout_s), flush the store, exit 0. The watchdog is fed from the event loop, and only
-while the engine thread is alive.
+server.drain_timeout_s), flush the store, exit 0. SIGHUP: reload the configuration (optd.daemon.reload).
+The watchdog is fed from the event loop, and only while the engine thread is alive.
 """
 
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -19,7 +20,10 @@ from optd.daemon.config import ConfigError, DaemonConfig
 from optd.daemon.control_api import ControlRoutes
 from optd.daemon.devices import DeviceProbe
 from optd.daemon.events import EventHub
+from optd.daemon.load import start_demo_load
 from optd.daemon.metrics import Metrics
+from optd.daemon.reload import Reloader
+from optd.daemon.request_log import FinishedBuffer, RequestLog
 from optd.daemon.sdnotify import (
     READY,
     STOPPING,
@@ -31,10 +35,11 @@ from optd.daemon.sdnotify import (
 )
 from optd.daemon.state import control_token
 from optd.daemon.store import Store
-from optd.daemon.telemetry import RingBuffer, Sampler, TelemetryJob
+from optd.daemon.telemetry import SLO, RingBuffer, Sampler, TelemetryJob
 from optd.engine import Engine
 
 log = logging.getLogger("optd.serve")
+PRUNE_EVERY_S = 3600.0
 
 
 def model_name(model: str) -> str:
@@ -42,7 +47,9 @@ def model_name(model: str) -> str:
     return model if model in ("demo",) else Path(model).name
 
 
-async def serve(config: DaemonConfig, state_dir: Path) -> int:
+async def serve(config: DaemonConfig, state_dir: Path, demo: bool = False,
+                load: Callable[[], DaemonConfig] | None = None) -> int:
+    """`load` re-reads the configuration on SIGHUP (see optd.daemon.reload); None: nothing to re-read."""
     notifier = Notifier.from_env()
     notifier.notify(extend_timeout(900), status("upgrading the database and loading the model"))
     url = config.store.database_url(state_dir)
@@ -62,12 +69,17 @@ async def serve(config: DaemonConfig, state_dir: Path) -> int:
     hub = EventHub()
     control = ControlRoutes(engine, store, token, hub, config_knobs, ring=ring, metrics=metrics)
     await asyncio.to_thread(control.restore_pins)  # pins survive restarts
-    app = create_app(engine, model_name(config.engine.model), config.server.max_waiting, metrics, control)
+    # Finished requests go to the store, the latency histograms and, through `finished`, to goodput.
+    finished = FinishedBuffer()
+    requests = RequestLog(store=store, metrics=metrics, subscribers=[finished])
+    app = create_app(engine, model_name(config.engine.model), config.server.max_waiting, metrics, control,
+                     requests=requests)
 
     def publish(sample: dict) -> None:
         hub.publish("sample", sample)
 
-    sampler = Sampler(engine.stats, lambda: engine.knobs, DeviceProbe())
+    sampler = Sampler(engine.stats, lambda: engine.knobs, DeviceProbe(), slo=SLO.from_config(config.slo),
+                      finished=finished.drain)
     subscribers = [ring, store.add_sample, metrics.update_sample, publish]
     job = TelemetryJob(sampler, config.telemetry.interval_s, subscribers)
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
@@ -75,7 +87,12 @@ async def serve(config: DaemonConfig, state_dir: Path) -> int:
                                            timeout_graceful_shutdown=int(config.server.drain_timeout_s)))
     server.install_signal_handlers = lambda: None  # ours below: systemd must hear STOPPING=1 first
 
+    # `optd serve --demo`: a built-in load against our own port, once it listens.
+    demo_load = start_demo_load(server) if demo else None
+
     def stop() -> None:
+        if demo_load is not None:
+            demo_load.cancel()  # before the drain: its requests would otherwise keep arriving
         notifier.notify(STOPPING, status("draining in-flight requests"))
         hub.close()  # open event streams would otherwise hold the drain until its timeout
         server.should_exit = True
@@ -83,10 +100,16 @@ async def serve(config: DaemonConfig, state_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    reloader = Reloader(load or (lambda: config), config, notifier, control, app.state.openai, server)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     job.start(loop)
     flush = _every(config.store.flush_interval_s, lambda: asyncio.to_thread(store.flush))
     expire = _every(1.0, lambda: asyncio.to_thread(control.expire_pins))
-    tasks = [asyncio.create_task(flush), asyncio.create_task(expire)]
+    # Retention, through the store's own (single writer) connection: old samples into one-minute
+    # roll-ups, old request records deleted.
+    prune = _every(PRUNE_EVERY_S,
+                   lambda: asyncio.to_thread(store.prune, reloader.running.store.raw_retention_s))
+    tasks = [asyncio.create_task(flush), asyncio.create_task(expire), asyncio.create_task(prune)]
     if (interval := watchdog_interval()) is not None:
         tasks.append(asyncio.create_task(_every(interval, lambda: _watchdog(notifier, engine))))
     ready = asyncio.create_task(_announce_ready(server, notifier, config))

@@ -38,6 +38,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from optd.daemon.models import (
     OUTCOMES,
+    REQUEST_STATUSES,
     Base,
     Decision,
     Pin,
@@ -183,6 +184,8 @@ class PruneResult:
     samples_rolled_up: int
     minutes: int            # distinct minutes that received roll-ups
     cutoff: float           # raw samples before this epoch second were rolled up
+    requests_deleted: int = 0
+    requests_cutoff: float | None = None    # request records that arrived before this were deleted
 
 
 # --- the store ---------------------------------------------------------------------------------------
@@ -191,7 +194,10 @@ class Store:
     """The daemon's one writer. Telemetry (`add_sample`, `add_decision`, `add_request`) is batched in
     memory and committed by `flush` in one transaction; operator state (pins, state, policies) is
     written at once, because the caller acknowledges it to a human. Thread-safe: one lock serializes
-    every use of the database, so the daemon may call it from its scheduler thread and its API."""
+    every use of the database, so the daemon may call it from its scheduler thread and its API.
+
+    Queueing a row takes only a second lock that no database work ever holds, so the event loop may
+    queue telemetry and request records while a flush, a prune or a read is in progress elsewhere."""
 
     PRUNE_CHUNK = 5000   # raw samples per prune transaction: bounded memory and lock time
 
@@ -202,7 +208,8 @@ class Store:
             log.warning(warning)
         self.max_pending = max_pending
         self.dropped = 0            # rows discarded because the batch overflowed or could never be written
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()      # the database connection
+        self._queue_lock = threading.Lock()  # the batch only; never held while talking to the database
         self._batch: dict[type[Base], list[dict[str, Any]]] = {Sample: [], Decision: [], RequestRecord: []}
 
     def __enter__(self) -> Store:
@@ -222,7 +229,7 @@ class Store:
     # -- batched writes --
 
     def _append(self, model: type[Base], row: dict[str, Any]) -> None:
-        with self._lock:
+        with self._queue_lock:
             rows = self._batch[model]
             rows.append(row)
             if len(rows) > self.max_pending:     # the database is unreachable: keep the newest
@@ -251,16 +258,38 @@ class Store:
         })
 
     def add_request(self, *, request_id: str, arrival: float, ttft_s: float | None, e2e_s: float | None,
-                    prompt_tokens: int, completion_tokens: int, finish_reason: str | None) -> None:
+                    prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
+                    endpoint: str, status: str = "ok", streamed: bool = False,
+                    finished_at: float | None = None, itl_mean_s: float | None = None,
+                    itl_max_s: float | None = None, knobs: Mapping[str, Any] | None = None,
+                    error: str | None = None) -> None:
+        """Queue one request record. `finished_at` defaults to arrival + e2e_s (else now); `knobs` maps
+        knob names to the values in force at finish (spec_length, max_batch_size, kv_compression,
+        weight_bits; others are ignored)."""
+        if status not in REQUEST_STATUSES:   # checked here: one bad row would fail the whole batch
+            raise ValueError(f"status must be one of {', '.join(REQUEST_STATUSES)}, got {status!r}")
+        if finished_at is None:
+            finished_at = arrival + e2e_s if e2e_s is not None and math.isfinite(e2e_s) else time.time()
+        knobs = knobs or {}
+
+        def knob(name: str, kind: type) -> Any:
+            value = knobs.get(name)
+            return None if value is None or not math.isfinite(value) else kind(value)
+
         self._append(RequestRecord, {
             "request_id": _clip(request_id, 64), "arrival": float(arrival), "ttft_s": _finite(ttft_s),
             "e2e_s": _finite(e2e_s), "prompt_tokens": int(prompt_tokens),
             "completion_tokens": int(completion_tokens), "finish_reason": _clip(finish_reason, 16),
+            "finished_at": float(finished_at), "endpoint": _clip(endpoint, 32), "streamed": bool(streamed),
+            "status": status, "itl_mean_s": _finite(itl_mean_s), "itl_max_s": _finite(itl_max_s),
+            "spec_length": knob("spec_length", int), "max_batch_size": knob("max_batch_size", int),
+            "kv_compression": knob("kv_compression", float), "weight_bits": knob("weight_bits", float),
+            "error": _clip(error, 1000),
         })
 
     @property
     def pending(self) -> int:
-        with self._lock:
+        with self._queue_lock:
             return sum(len(rows) for rows in self._batch.values())
 
     def flush(self) -> int:
@@ -270,10 +299,11 @@ class Store:
         go back to the front of the queue for the next flush; otherwise they are dropped (and counted
         in `dropped`) so that one bad batch cannot block telemetry forever. Either way it raises."""
         with self._lock:
-            batch = {model: rows for model, rows in self._batch.items() if rows}
-            if not batch:
-                return 0
-            self._batch = {model: [] for model in self._batch}
+            with self._queue_lock:
+                batch = {model: rows for model, rows in self._batch.items() if rows}
+                if not batch:
+                    return 0
+                self._batch = {model: [] for model in self._batch}
             try:
                 with self.engine.begin() as conn:
                     for model, rows in batch.items():
@@ -281,8 +311,9 @@ class Store:
             except DBAPIError as exc:
                 n = sum(map(len, batch.values()))
                 if isinstance(exc, OperationalError) or exc.connection_invalidated:
-                    for model, rows in batch.items():
-                        self._batch[model][:0] = rows
+                    with self._queue_lock:  # rows queued meanwhile are newer: these go in front
+                        for model, rows in batch.items():
+                            self._batch[model][:0] = rows
                     log.warning("store flush failed, %d rows kept for the next flush: %s", n, exc)
                 else:
                     self.dropped += n
@@ -410,16 +441,24 @@ class Store:
 
     # -- retention --
 
-    def prune(self, raw_retention_s: float, now: float | None = None) -> PruneResult:
-        """Roll raw samples older than `raw_retention_s` into `samples_1m` and delete them.
+    def prune(self, raw_retention_s: float, now: float | None = None, *,
+              requests_retention_s: float | None = None) -> PruneResult:
+        """Roll raw samples older than `raw_retention_s` into `samples_1m` and delete them; delete request
+        records that arrived more than `requests_retention_s` (default: `raw_retention_s`) ago.
 
         Only whole minutes are rolled up (the cutoff is rounded down to a minute boundary), so a minute
         is normally summarized once, from all its samples. Each chunk is one transaction that both
         writes the roll-ups and deletes the raw rows, so a crash or a second run never counts a sample
-        twice: pruning is idempotent."""
-        if not raw_retention_s >= 0:
-            raise ValueError(f"raw_retention_s must be >= 0, got {raw_retention_s!r}")
+        twice: pruning is idempotent. Request records are raw data with no roll-up (the samples already
+        carry their rates and percentiles), so they are simply deleted, also in bounded chunks."""
+        requests_retention_s = raw_retention_s if requests_retention_s is None else requests_retention_s
+        for name, value in (("raw_retention_s", raw_retention_s),
+                            ("requests_retention_s", requests_retention_s)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         now = time.time() if now is None else now
+        requests_cutoff = now - requests_retention_s
+        deleted = self._prune_requests(requests_cutoff)
         cutoff = math.floor((now - raw_retention_s) / 60) * 60.0
         rolled, minutes = 0, set()
         while True:
@@ -439,7 +478,20 @@ class Store:
                 for i in range(0, len(ids), 500):        # stay under old SQLite's 999-variable limit
                     s.execute(delete(Sample).where(Sample.id.in_(ids[i:i + 500])))
                 rolled += len(ids)
-        return PruneResult(samples_rolled_up=rolled, minutes=len(minutes), cutoff=cutoff)
+        return PruneResult(samples_rolled_up=rolled, minutes=len(minutes), cutoff=cutoff,
+                           requests_deleted=deleted, requests_cutoff=requests_cutoff)
+
+    def _prune_requests(self, cutoff: float) -> int:
+        deleted = 0
+        while True:
+            with self._lock, self.engine.begin() as conn:
+                ids = list(conn.scalars(select(RequestRecord.id).where(RequestRecord.arrival < cutoff)
+                                        .order_by(RequestRecord.id).limit(self.PRUNE_CHUNK)))
+                for i in range(0, len(ids), 500):        # stay under old SQLite's 999-variable limit
+                    conn.execute(delete(RequestRecord).where(RequestRecord.id.in_(ids[i:i + 500])))
+            deleted += len(ids)
+            if len(ids) < self.PRUNE_CHUNK:
+                return deleted
 
     @staticmethod
     def _merge_rollup(s: Session, minute: float, field: str, agg: _Agg) -> None:

@@ -9,13 +9,12 @@ Sample fields (DESIGN.md, "Telemetry sample and policy format"; seconds, bytes, 
 - `ttft_p50|p95|p99`, `e2e_p95`: percentiles (linear interpolation) of the TTFT and end-to-end latency
   of the requests that finished in the interval; `itl_p50|p95|p99`: of the inter-token gaps of tokens
   generated in the interval. None when the interval had none.
-- `goodput_tokens_per_s`: tokens per second of requests that finished in the interval and met the SLO
-  (TTFT <= slo ttft_p95 and mean ITL <= slo itl_p95; an SLO left unset always holds). With per-request
-  records from the engine (`EngineStats.finished_requests`, see `_records`) this is exact. Without them
-  (the engine today gives only latency lists, not tokens per request) it is estimated:
-  tokens_per_s x the share of the interval's finished requests whose TTFT met the SLO, and 0 when the
-  interval's itl_p95 broke the ITL SLO; when no request finished, the last share is carried over. With
-  no SLO at all it equals tokens_per_s.
+- `goodput_tokens_per_s`: completion tokens of the requests that finished in the interval with status
+  `ok` and met the SLO, divided by the interval. A request meets the SLO when its TTFT <= slo.ttft_p95
+  and its mean inter-token gap <= slo.itl_p95 (DistServe's per-request rule; a bound left unset always
+  holds, and a request of one token has no gap to check). The requests come from the HTTP layer's
+  request log (`optd.daemon.request_log`) through the `finished` callable, typically
+  `FinishedBuffer.drain`; without one (a bare engine, no API) goodput is None.
 - `requests_running`, `requests_waiting`: gauges; `kv_usage`: kv_blocks_used / kv_blocks_total.
 - `acceptance_rate`: accepted / proposed draft tokens in the interval; `acceptance_length`:
   1 + accepted tokens / drafts (tokens per target step of a speculating sequence, vLLM's meaning).
@@ -48,6 +47,7 @@ from apscheduler.events import (
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from optd.daemon.devices import GPU_FIELDS, PROCESS_FIELDS, DeviceProbe
+from optd.daemon.request_log import FinishedRequest
 from optd.engine.knobs import Knobs
 from optd.engine.outputs import EngineStats
 
@@ -70,6 +70,11 @@ class SLO:
 
     ttft_p95: float | None = None
     itl_p95: float | None = None
+
+    @classmethod
+    def from_config(cls, section: Any) -> SLO:
+        """From the daemon config's `slo` section (`ttft_p95_s`, `itl_p95_s`)."""
+        return cls(ttft_p95=section.ttft_p95_s, itl_p95=section.itl_p95_s)
 
     def met(self, ttft: float | None, mean_itl: float | None) -> bool:
         if self.ttft_p95 is not None and (ttft is None or ttft > self.ttft_p95):
@@ -107,25 +112,23 @@ def new_items(prev: Sequence, cur: Sequence) -> list:
     return cur
 
 
-def _field(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-
 class Sampler:
     """Builds one sample per call from the engine's cumulative stats, the knobs and the device.
 
-    `stats` and `knobs` are callables (typically `engine.stats` and `lambda: engine.knobs`); `quality`
+    `stats` and `knobs` are callables (typically `engine.stats` and `lambda: engine.knobs`); `finished`
+    returns the requests finished since its previous call (typically `FinishedBuffer.drain`); `quality`
     optionally returns the latest (top1, kl) or None; `clock` is the monotonic clock used for elapsed
-    time (injectable for tests)."""
+    time (injectable for tests). `slo` may be replaced at any time (a new policy brings its own)."""
 
     def __init__(self, stats: Callable[[], EngineStats], knobs: Callable[[], Knobs],
                  device: DeviceProbe | None = None, *, slo: SLO | None = None,
+                 finished: Callable[[], Iterable[FinishedRequest]] | None = None,
                  quality: Callable[[], tuple[float, float] | None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._stats, self._knobs, self._device, self._quality = stats, knobs, device, quality
+        self._finished = finished
         self.slo = slo or SLO()
         self._clock = clock
-        self._good_share = 1.0
         self._last_t = clock()
         try:
             self._prev = stats()
@@ -157,7 +160,7 @@ class Sampler:
         out: Sample = {
             "ts": ts,
             "tokens_per_s": tokens_per_s,
-            "goodput_tokens_per_s": self._goodput(prev, cur, elapsed, tokens_per_s, ttft, itl),
+            "goodput_tokens_per_s": self._goodput(elapsed),
             "requests_per_s": rate("requests_finished_total"),
             "ttft_p50": percentile(ttft, 50), "ttft_p95": percentile(ttft, 95),
             "ttft_p99": percentile(ttft, 99),
@@ -186,44 +189,15 @@ class Sampler:
         out.update({name: float(getattr(knobs, name)) for name in KNOB_FIELDS})
         return out
 
-    def _goodput(self, prev: EngineStats, cur: EngineStats, elapsed: float, tokens_per_s: float | None,
-                 ttft: list[float], itl: list[float]) -> float | None:
+    def _goodput(self, elapsed: float) -> float | None:
+        if self._finished is None:
+            return None
+        finished = self._finished()      # drained even when elapsed is 0: they belong to no later interval
         if elapsed <= 0:
             return None
-        records = self._records(prev, cur)
-        if records is not None:   # exact: tokens of the interval's finished requests that met the SLO
-            good = sum(int(_field(r, "completion_tokens") or 0) for r in records
-                       if self.slo.met(_field(r, "ttft_s"), _mean_itl(r)))
-            return good / elapsed
-        if self.slo.empty or tokens_per_s is None:
-            return tokens_per_s
-        if ttft:
-            ok = sum(1 for x in ttft if self.slo.ttft_p95 is None or x <= self.slo.ttft_p95)
-            self._good_share = ok / len(ttft)
-        itl_p95 = percentile(itl, 95)
-        if self.slo.itl_p95 is not None and itl_p95 is not None and itl_p95 > self.slo.itl_p95:
-            return 0.0
-        return tokens_per_s * self._good_share
-
-    @staticmethod
-    def _records(prev: EngineStats, cur: EngineStats) -> list | None:
-        """Per-request records of the requests finished in the interval, when the engine offers them:
-        `EngineStats.finished_requests`, a bounded oldest-first list of records (objects or dicts) with
-        `ttft_s`, `e2e_s`, `completion_tokens` (and optionally `itl_mean_s`). None when it does not."""
-        cur_records = getattr(cur, "finished_requests", None)
-        if cur_records is None:
-            return None
-        return new_items(getattr(prev, "finished_requests", None) or [], cur_records)
-
-
-def _mean_itl(record: Any) -> float | None:
-    mean = _field(record, "itl_mean_s")
-    if mean is not None:
-        return mean
-    ttft, e2e, n = _field(record, "ttft_s"), _field(record, "e2e_s"), _field(record, "completion_tokens")
-    if ttft is None or e2e is None or not n or n < 2:
-        return None
-    return (e2e - ttft) / (n - 1)
+        good = sum(r.completion_tokens for r in finished
+                   if r.status == "ok" and self.slo.met(r.ttft_s, r.itl_mean_s))
+        return good / elapsed
 
 
 class RingBuffer:

@@ -7,7 +7,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from optd.daemon.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Metrics
-from optd.engine import Engine, EngineConfig, EngineStats, Knobs, SamplingParams
+from optd.daemon.request_log import RequestLog, RequestTimer
+from optd.engine import Delta, Engine, EngineConfig, EngineStats, Knobs, SamplingParams
 
 COUNTERS = {  # exported sample name -> EngineStats field
     "optd_requests_finished_total": "requests_finished_total",
@@ -148,6 +149,45 @@ def test_latency_histograms_bucket_counts():
     e2e = "optd_e2e_request_latency_seconds"
     assert [bucket(e2e, le) for le in (0.5, 1.0, 3.0, 5.0, "+Inf")] == [0, 1, 1, 2, 2]
     assert value(fams, e2e + "_count") == 2
+
+
+def test_the_request_log_feeds_the_histograms_with_ok_requests_only(caplog):
+    m = Metrics()
+    broken_calls = []
+
+    def broken(request):
+        broken_calls.append(request.request_id)
+        raise RuntimeError("subscriber bug")
+
+    log = RequestLog(metrics=m, subscribers=[broken])
+    clock = iter([0.0, 0.05, 0.07, 0.08, 0.3]).__next__      # arrival, 3 tokens, end
+    timer = RequestTimer("chat", clock=clock, wall=lambda: 1000.0)
+    timer.request_id = "chatcmpl-1"
+    for _ in range(3):
+        timer.on_delta(Delta("c", "x", [7], prompt_tokens=4))
+    ok = timer.finish("ok", "length", completion_tokens=3)
+    assert (ok.ttft_s, ok.itl_s, ok.e2e_s, ok.prompt_tokens) == (0.05, pytest.approx((0.02, 0.01)), 0.3, 4)
+    assert (ok.itl_mean_s, ok.itl_max_s, ok.arrival, ok.finished_at) == (pytest.approx(0.015),
+                                                                         pytest.approx(0.02), 1000.0, 1000.3)
+    log.record(ok)
+    for status in ("aborted", "error", "rejected"):
+        t = RequestTimer("completions", clock=iter([0.0, 0.1, 0.5, 0.9]).__next__)
+        t.request_id = f"cmpl-{status}"
+        t.on_delta(Delta("c", "x", [7, 8]))          # two tokens in one delta: one gap of 0
+        t.on_delta(Delta("c", "y", [9]))
+        log.record(t.finish(status, None))
+    fams = scrape(m)
+    assert value(fams, "optd_time_to_first_token_seconds_count") == 1
+    assert value(fams, "optd_time_to_first_token_seconds_sum") == pytest.approx(0.05)
+    assert value(fams, "optd_inter_token_latency_seconds_count") == 2
+    assert value(fams, "optd_e2e_request_latency_seconds_count") == 1
+    assert value(fams, "optd_e2e_request_latency_seconds_sum") == pytest.approx(0.3)
+    # A failing consumer is logged and counted; the others still get every request.
+    assert broken_calls == ["chatcmpl-1", "cmpl-aborted", "cmpl-error", "cmpl-rejected"]
+    assert log.errors == 4 and log.recorded == 4
+    assert "subscriber bug" in caplog.text
+    with pytest.raises(ValueError, match="endpoint must be one of completions, chat"):
+        RequestTimer("embeddings")
 
 
 def test_sample_gauges_and_missing_fields():

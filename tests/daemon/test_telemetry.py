@@ -2,13 +2,24 @@
 store, device stats on whatever this machine has."""
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 
 from optd.daemon import db
+from optd.daemon.config import ConfigError, load_config
 from optd.daemon.devices import DeviceProbe
+from optd.daemon.request_log import FinishedBuffer, FinishedRequest
 from optd.daemon.store import Store
 from optd.daemon.telemetry import (
     SAMPLE_FIELDS,
@@ -65,7 +76,7 @@ def test_sample_rates_and_latencies_match_the_counters(engine):
     assert s["tokens_per_s"] == pytest.approx(tokens / 2.0)
     assert s["requests_per_s"] == pytest.approx(len(PROMPTS) / 2.0)
     assert s["preemptions_per_s"] == 0
-    assert s["goodput_tokens_per_s"] == s["tokens_per_s"]          # no SLO: every token counts
+    assert s["goodput_tokens_per_s"] is None                       # no request log: no data
     ttfts = sorted(o.ttft_s for o in outs)
     assert ttfts[0] <= s["ttft_p50"] <= s["ttft_p95"] <= s["ttft_p99"] <= ttfts[-1] + 1e-3
     assert 0 < s["itl_p50"] <= s["itl_p95"] <= s["itl_p99"]
@@ -80,7 +91,7 @@ def test_sample_rates_and_latencies_match_the_counters(engine):
     # An idle interval: zero rates, no latencies.
     clock.t += 0.5
     idle = sampler.sample()
-    assert idle["tokens_per_s"] == idle["requests_per_s"] == idle["goodput_tokens_per_s"] == 0
+    assert idle["tokens_per_s"] == idle["requests_per_s"] == 0
     assert all(idle[k] is None for k in ("ttft_p50", "ttft_p95", "itl_p99", "e2e_p95"))
 
     # Only the next interval's requests count in its percentiles.
@@ -91,38 +102,61 @@ def test_sample_rates_and_latencies_match_the_counters(engine):
     assert one["ttft_p50"] == one["ttft_p99"] == engine.stats().ttft_s[-1]
 
 
-def test_goodput_against_an_slo(engine):
-    clock = Clock()
-    strict = _sampler(engine, clock, slo=SLO(ttft_p95=1e-9))
-    loose = _sampler(engine, clock, slo=SLO(ttft_p95=60.0, itl_p95=60.0))
-    engine.generate(PROMPTS[:2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
-    clock.t += 1.0
-    assert strict.sample()["goodput_tokens_per_s"] == 0
-    s = loose.sample()
-    assert s["goodput_tokens_per_s"] == s["tokens_per_s"] == 10.0
+T0 = 1_800_000_000.0
 
 
-def test_goodput_from_per_request_records():
-    """When the engine offers per-request records, goodput counts exactly their tokens."""
+def finished(status="ok", ttft=0.1, gaps=(0.02,), tokens=None, request_id="cmpl-1") -> FinishedRequest:
+    tokens = len(gaps) + 1 if tokens is None else tokens
+    return FinishedRequest(request_id=request_id, endpoint="completions", streamed=False, status=status,
+                           finish_reason="length", arrival=T0, finished_at=T0 + 1, prompt_tokens=3,
+                           completion_tokens=tokens, ttft_s=ttft, e2e_s=1.0, itl_s=tuple(gaps),
+                           itl_mean_s=sum(gaps) / len(gaps) if gaps else None,
+                           itl_max_s=max(gaps) if gaps else None)
+
+
+def test_goodput_counts_the_tokens_of_finished_requests_within_the_slo():
     clock = Clock()
-    stats = EngineStats()
-    sampler = Sampler(lambda: stats, lambda: _knobs(), clock=clock, slo=SLO(ttft_p95=0.5, itl_p95=0.05))
-    stats = EngineStats(generation_tokens_total=131, requests_finished_total=3)
-    stats.finished_requests = first = [
-        {"ttft_s": 0.2, "e2e_s": 0.2 + 9 * 0.04, "completion_tokens": 10},    # meets both
-        {"ttft_s": 0.9, "e2e_s": 1.0, "completion_tokens": 21},                # TTFT too slow
-        {"ttft_s": 0.1, "e2e_s": 0.1 + 99 * 0.03, "completion_tokens": 100},   # meets both
-    ]
+    buffer = FinishedBuffer()
+    sampler = Sampler(EngineStats, _knobs, clock=clock, slo=SLO(ttft_p95=0.5, itl_p95=0.05),
+                      finished=buffer.drain)
+    for r in [finished(ttft=0.2, gaps=[0.04] * 9),              # 10 tokens, meets both
+              finished(ttft=0.9, gaps=[0.01] * 20),             # TTFT too slow
+              finished(ttft=0.1, gaps=[0.01, 0.09] * 5),        # mean ITL 0.05: meets (a slow max is fine)
+              finished(ttft=0.1, gaps=[0.06] * 4),              # ITL too slow
+              finished(ttft=0.5, gaps=[], tokens=1),            # one token: no gap to check
+              finished(status="aborted", ttft=0.1, gaps=[0.01] * 6),   # the client left: not goodput
+              finished(status="error", ttft=0.1, gaps=[0.01] * 2)]:
+        buffer(r)
     clock.t += 2.0
-    assert sampler.sample()["goodput_tokens_per_s"] == pytest.approx(110 / 2.0)
-    stats = EngineStats(generation_tokens_total=141, requests_finished_total=4)
-    stats.finished_requests = [
-        *first[1:],                                                           # bounded: oldest gone
-        {"ttft_s": 0.1, "e2e_s": 0.1 + 9 * 0.03, "completion_tokens": 10},
-        {"ttft_s": 0.1, "e2e_s": 0.1 + 9 * 0.08, "completion_tokens": 10},     # ITL too slow
-    ]
+    assert sampler.sample()["goodput_tokens_per_s"] == pytest.approx((10 + 11 + 1) / 2.0)
     clock.t += 1.0
-    assert sampler.sample()["goodput_tokens_per_s"] == pytest.approx(10.0)
+    assert sampler.sample()["goodput_tokens_per_s"] == 0.0          # drained: each request counts once
+    buffer(finished(ttft=0.9, gaps=[0.5]))
+    sampler.slo = SLO()                                             # no bounds: every ok request counts
+    clock.t += 0.5
+    assert sampler.sample()["goodput_tokens_per_s"] == 4.0
+
+
+def test_finished_buffer_is_bounded_and_keeps_no_gaps():
+    buffer = FinishedBuffer(capacity=2)
+    for i in range(3):
+        buffer(finished(request_id=f"cmpl-{i}", gaps=[0.01] * 50))
+    drained = buffer.drain()
+    assert [r.request_id for r in drained] == ["cmpl-1", "cmpl-2"] and buffer.dropped == 1
+    assert drained[0].itl_s == () and drained[0].itl_mean_s == pytest.approx(0.01)
+    assert buffer.drain() == []
+
+
+def test_slo_from_the_config_section(tmp_path):
+    path = tmp_path / "optd.yaml"
+    path.write_text("slo: {ttft_p95_s: 0.000001, itl_p95_s: null}\n")
+    config = load_config(path, default_path=tmp_path / "none.yaml")
+    assert SLO.from_config(config.slo) == SLO(ttft_p95=1e-6, itl_p95=None)
+    defaults = load_config(None, default_path=tmp_path / "none.yaml")
+    assert SLO.from_config(defaults.slo) == SLO(ttft_p95=0.8, itl_p95=0.06)     # the balanced policy's
+    path.write_text("slo: {ttft_p95_s: 0}\n")
+    with pytest.raises(ConfigError, match=r"slo.ttft_p95_s: Input should be greater than 0"):
+        load_config(path, default_path=tmp_path / "none.yaml")
 
 
 def _knobs():
@@ -253,3 +287,51 @@ def test_job_counts_runs_lost_to_a_blocked_loop(engine, caplog):
     assert job.missed == 1 and job.skipped == 0
     assert job.lost == 1                  # one run time (3.0 s) produced no sample
     assert "missed" in caplog.text and "lost to a blocked event loop" in caplog.text
+
+
+def test_the_daemon_records_requests_and_counts_no_goodput_under_an_impossible_slo(tmp_path):
+    """`optd serve` wired end to end: the config's SLO reaches the sampler, request rows reach SQLite."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(1)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "OPTD_SLO__TTFT_P95_S": "0.000001",
+           "OPTD_TELEMETRY__INTERVAL_S": "0.5"}
+    command = [sys.executable, "-m", "optd.daemon.cli", "serve", "--state-dir", str(tmp_path), "--port", "0"]
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        message, deadline = "", time.monotonic() + 120
+        while "READY=1" not in message:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            with contextlib.suppress(TimeoutError):
+                message = notify.recv(4096).decode()
+        base = f"http://127.0.0.1:{int(message.rsplit(':', 1)[1].split()[0])}"
+        usage = []
+        for stream in (False, True):
+            body = {"model": "demo", "prompt": "def f(x):", "max_tokens": 6, "stream": stream,
+                    "stream_options": {"include_usage": True} if stream else None}
+            req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                text = r.read().decode()
+            events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+            usage.append(events[-1]["usage"] if stream else json.loads(text)["usage"])
+        db_path = tmp_path / "optd.db"
+        deadline = time.monotonic() + 30
+        while True:      # rows flushed, and a sample taken after both requests finished (it drained them)
+            with sqlite3.connect(db_path) as conn:
+                rows = conn.execute("SELECT completion_tokens, prompt_tokens, status, streamed, finished_at"
+                                    " FROM requests ORDER BY id").fetchall()
+                samples = [(ts, json.loads(d)) for ts, d in conn.execute("SELECT ts, data FROM samples")]
+            if len(rows) == 2 and any(ts > max(r[-1] for r in rows) for ts, _ in samples):
+                break
+            assert time.monotonic() < deadline, f"rows {rows}, {len(samples)} samples"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    assert [r[:-1] for r in rows] == [(u["completion_tokens"], u["prompt_tokens"], "ok", streamed)
+                                      for u, streamed in zip(usage, (0, 1), strict=True)]
+    assert sum(s["tokens_per_s"] for _, s in samples) > 0
+    assert [s["goodput_tokens_per_s"] for _, s in samples] == [0.0] * len(samples)
