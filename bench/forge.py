@@ -47,12 +47,14 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}# {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}# assistant:\n{% endif %}"
 )
-# (hidden, layers, heads, kv heads, intermediate); head_dim 64 for both.
 # (hidden, layers, heads, kv heads, SwiGLU width); head_dim is 64. "demo" is the bundled pair; "large"
 # is the biggest pair worth training in a few GPU minutes, for bench/spec.py (never committed).
 SIZES = {
     "demo": {"target": (320, 6, 5, 1, 864), "draft": (192, 2, 3, 1, 512)},
     "large": {"target": (768, 16, 12, 4, 2048), "draft": (256, 2, 4, 1, 704)},
+    # A deeper target makes a draft step cheap beside a target step (which is what speculation needs
+    # at batch 1); the draft stays at 2 layers, as its cost is kernel launches, not width.
+    "xl": {"target": (1024, 24, 16, 4, 2816), "draft": (512, 2, 8, 2, 1408)},
 }
 
 
