@@ -4,6 +4,7 @@ from optd.engine.config import EngineConfig, EngineError, SamplingParams
 from optd.engine.engine import Engine
 from optd.engine.knobs import ApplyResult, KnobOutcome, Knobs
 from optd.engine.outputs import Delta, EngineStats, RequestOutput
+from optd.engine.quality import QualityReport
 
 __all__ = [
     "ApplyResult",
@@ -14,6 +15,7 @@ __all__ = [
     "EngineStats",
     "KnobOutcome",
     "Knobs",
+    "QualityReport",
     "RequestOutput",
     "SamplingParams",
 ]

@@ -23,6 +23,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096  # prefill token budget per step
     cuda_graphs: bool = True            # decode replays CUDA graphs (CUDA/ROCm only)
     seed: int = 0
+    quality_cache_dir: str | None = None  # where probe references are kept; None: in memory only
 
 
 @dataclass

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from pathlib import Path
 from queue import Empty, SimpleQueue
 
 import torch
@@ -21,6 +22,7 @@ from optd.engine.kv_cache import BlockAllocator, KVLayout, KVPool
 from optd.engine.loader import load_model, resolve_model_path
 from optd.engine.model_config import ModelConfig
 from optd.engine.outputs import Delta, EngineStats, RequestOutput
+from optd.engine.quality import PROBE_TEXTS, QualityReport, ReferenceStore, probe_key, timed_report
 from optd.engine.runner import ModelRunner
 from optd.engine.sampler import sample
 from optd.engine.scheduler import Scheduler
@@ -103,6 +105,9 @@ class Engine:
         self._speculator = self.drafter and Speculator(self.drafter, self.runner, self.max_model_len,
                                                        self._counters, config.max_spec_length,
                                                        config.cuda_graphs)
+        self._model_folder = folder
+        cache = config.quality_cache_dir
+        self._references = ReferenceStore(Path(cache) if cache else None)
         self._thread = threading.Thread(target=self._loop, name="optd-engine", daemon=True)
         self._thread.start()
 
@@ -193,6 +198,34 @@ class Engine:
                     break
             else:
                 self.scheduler.allocator.truncate(seq.blocks, seq.num_cached)
+
+    def _probe(self) -> QualityReport:
+        """Teacher-force the probe texts through the cache and kernels that serve requests (see
+        optd.engine.quality) and compare with the 16-bit, uncompressed reference."""
+        started = time.perf_counter()
+        texts = [self.tokenizer.encode(t)[: self.max_model_len] for t in PROBE_TEXTS]
+        rows = []
+        for ids in texts:
+            seq = self.make_sequence(ids[: len(ids) // 2], SamplingParams(max_tokens=1))
+            alloc = self.scheduler.allocator
+            if not alloc.can_grow(seq.blocks, len(ids)):
+                raise EngineError("quality probe: the KV cache is full right now; try again later")
+            alloc.grow(seq.blocks, len(ids))
+            try:
+                first = self.runner.prefill([seq])
+                rest = self.runner.extend([seq], [(seq.num_tokens, ids[seq.num_tokens :])])[0]
+            finally:
+                alloc.release(seq.blocks)
+            rows.append(torch.cat([first, rest[:-1]]))  # predictions of ids[half:]
+        current = torch.log_softmax(torch.cat(rows).float(), dim=-1).cpu()
+        key = probe_key(self._model_folder, self.dtype, texts)
+        reference = self._references.get(key)
+        if reference is None:
+            if self._knobs.kv_compression != 0 or self._knobs.weight_bits != 16:
+                raise EngineError("quality probe: no reference yet, and the knobs are not at 16 bits / "
+                                  "uncompressed to make one")
+            self._references.put(key, reference := current)
+        return timed_report(reference, current, started)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq)
@@ -340,6 +373,10 @@ class Engine:
             result.outcomes[name] = KnobOutcome(name, "applied", value, value,
                                                 cost_s=time.perf_counter() - start)
         return result
+
+    def probe(self) -> QualityReport:
+        """Quality under the current knobs against the reference (runs between two steps)."""
+        return self._call(self._probe)
 
     def stats(self) -> EngineStats:
         s = self.scheduler
