@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     load_args(load)
     load.set_defaults(func=cmd_load)
 
+    from optd.policies.cli import add_arguments as policy_args
+
+    policy_args(sub.add_parser("policy", help="check and explain policies"))
+
     dbp = sub.add_parser("db", help="database schema and retention")
     dbp.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")
     dbp.add_argument("--config", type=Path, default=None, help="daemon config file (YAML)")
