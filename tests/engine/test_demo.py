@@ -22,10 +22,11 @@ def test_perplexity_on_held_out_standard_library_file(demo):
     text = (Path(sysconfig.get_paths()["stdlib"]) / "py_compile.py").read_text()
     ids = demo.tokenizer.encode(text)[: demo.max_model_len]  # the 1024 tokens it was trained on
     n = len(ids)
-    batch = ForwardBatch(torch.arange(n), torch.arange(n), prefill_lens=[n])
+    dev = demo.device
+    batch = ForwardBatch(torch.arange(n, device=dev), torch.arange(n, device=dev), prefill_lens=[n])
     with torch.inference_mode():
-        logits = demo.model(torch.tensor(ids), batch, demo.pool)
-    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+        logits = demo.model(torch.tensor(ids, device=dev), batch, demo.pool)
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:], device=dev))
     assert nll.exp().item() < 25  # 14.7 with the shipped weights
 
 

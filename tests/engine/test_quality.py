@@ -11,7 +11,9 @@ from optd.engine.quality import PROBE_TEXTS
 def test_the_reference_is_the_models_distribution_as_transformers_computes_it(tmp_path):
     import transformers
 
-    with Engine(EngineConfig(model="demo", quality_cache_dir=str(tmp_path))) as engine:
+    # float32 on the CPU on both sides (on a GPU the engine would run bf16: a different reference).
+    config = EngineConfig(model="demo", device="cpu", dtype="float32", quality_cache_dir=str(tmp_path))
+    with Engine(config) as engine:
         report = engine.probe()
         texts = [engine.tokenizer.encode(t) for t in PROBE_TEXTS]
     assert (report.top1, report.kl) == (1.0, 0.0)
