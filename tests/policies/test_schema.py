@@ -15,6 +15,7 @@ from optd.policies.metrics import METRIC_NAMES
 from optd.policies.schema import Action, Behavior, KnobPolicy, Policy, PolicySpec
 
 DESIGN = Path(__file__).resolve().parents[3] / "shared" / "DESIGN.md"
+BALANCED = Path(__file__).resolve().parents[2] / "policies" / "presets" / "balanced.yaml"
 
 
 def design_example() -> str:
@@ -29,7 +30,8 @@ def test_sample_fields_are_the_metric_names():
 
 
 def test_design_example_is_valid_with_durations_in_seconds():
-    loaded = parse_policy(design_example(), "DESIGN.md")
+    """The balanced preset is DESIGN.md's example, verbatim (checked below where DESIGN.md is at hand)."""
+    loaded = parse_policy(BALANCED.read_text(), str(BALANCED))
     spec = loaded.policy.spec
     assert loaded.name == "balanced" and spec.mode == "enforce"
     assert spec.evaluate_every == 5.0
@@ -42,9 +44,12 @@ def test_design_example_is_valid_with_durations_in_seconds():
     assert (rule.for_, rule.cooldown) == (15.0, 60.0)
     assert rule.then.op == "increase" and rule.then.changes == {"kv_compression": 0.25}
     assert set(loaded.expressions) == {"spec.guardrails[0].when", "spec.rules[0].when"}
-    # it is also the bundled balanced preset, comment lines aside
-    bundled = Path(__file__).resolve().parents[2] / "policies" / "presets" / "balanced.yaml"
-    assert yaml.safe_load(bundled.read_text()) == yaml.safe_load(design_example())
+
+
+@pytest.mark.skipif(not DESIGN.is_file(), reason="the design contract lives beside the repository, "
+                    "not in it; this checkout has no ../shared/DESIGN.md")
+def test_the_balanced_preset_is_the_design_example():
+    assert yaml.safe_load(BALANCED.read_text()) == yaml.safe_load(design_example())
 
 
 def test_defaults_and_frozen_models():
