@@ -72,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "engine": {"model": args.model, "draft_model": args.draft_model, "device": args.device},
         "server": {"host": args.host, "port": args.port},
         "store": {"url": args.db},
+        "mqtt": {"url": args.mqtt},
+        "policy": args.policy,
     }
     # --demo changes defaults only: the config file, OPTD_* variables and flags still win.
     from optd.daemon.load import DEMO_CONFIG
@@ -79,6 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     defaults = DEMO_CONFIG if args.demo else None
     config = load_config(args.config, overrides, defaults=defaults)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Every run of every job at INFO drowns the log; missed and failed runs are still warnings.
+    logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
     # SIGHUP loads the configuration again from the same sources, flags included.
     reload = functools.partial(load_config, args.config, overrides, defaults=defaults)
     return asyncio.run(serve(config, state_dir(args.state_dir), demo=args.demo, load=reload))
@@ -145,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="port (default 8000; 0 picks a free one)")
     srv.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")
+    srv.add_argument("--policy", default=None,
+                     help="policy preset name (e.g. balanced) or YAML file; default: the config's, else none")
     srv.add_argument("--state-dir", type=Path, default=None)
+    srv.add_argument("--mqtt", default=None, metavar="URL",
+                     help="MQTT broker (mqtt://HOST[:PORT], mqtts://...): state, telemetry, decisions out")
     srv.add_argument("--demo", action="store_true",
                      help="the bundled demo pair with speculation on, and a built-in load at a modest rate")
     srv.set_defaults(func=cmd_serve)
@@ -155,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         client_args(parser)
         parser.set_defaults(func=cmd_client)
         return parser
+
 
     client("status", "the daemon's knobs, pins, policy and engine state")
     knobs = client("knobs", "show knobs; set (pin) or unpin one")
@@ -175,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     load_args(load)
     load.set_defaults(func=cmd_load)
 
+    from optd.daemon.policy_replay import add_arguments as replay_args
     from optd.policies.cli import add_arguments as policy_args
 
-    policy_args(sub.add_parser("policy", help="check and explain policies"))
+    replay_args(policy_args(sub.add_parser("policy", help="check, explain and replay policies")))
 
     dbp = sub.add_parser("db", help="database schema and retention")
     dbp.add_argument("--db", default=None, help="SQLAlchemy URL (default: optd.db in the state directory)")

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -34,6 +35,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/optd/optd.yaml")
 ENV_PREFIX = "OPTD_"
 ENV_NESTED_DELIMITER = "__"
 MIN_TOKEN_LENGTH = 16
+SECRET_FIELDS = frozenset({"control_token", "password", "hmac_secret", "url"})   # values never echoed
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,9 @@ class TelemetrySection(BaseModel):
 
     interval_s: float = Field(1.0, gt=0)
     ring_buffer_s: float = Field(3600.0, gt=0)
+    # Seconds between quality probes when no policy runs (a policy's spec.quality_probe_every wins);
+    # null: only after a change of kv_compression or weight_bits (and once at start).
+    quality_probe_every_s: float | None = Field(300.0, gt=0)
 
 
 class SloSection(BaseModel):
@@ -128,12 +133,28 @@ class SloSection(BaseModel):
     itl_p95_s: float | None = Field(0.06, gt=0)
 
 
+MQTT_SCHEMES = {"mqtt": 1883, "mqtts": 8883}     # scheme -> default port
+
+
 class MqttSection(BaseModel):
+    """The MQTT bridge (optd.daemon.mqtt): topics under `<topic_prefix>/<node>/`."""
+
     model_config = _SECTION
 
-    url: str | None = None                       # None: no MQTT
+    url: str | None = None                       # mqtt[s]://[user:pass@]host[:port]; None: no MQTT
     node: str = Field(default_factory=socket.gethostname)
+    client_id: str | None = Field(None, min_length=1, max_length=128)   # None: the node name
+    username: str | None = None                  # wins over a user name in the URL
+    password: SecretStr | None = None            # wins over a password in the URL
+    tls_ca_file: Path | None = None              # CA bundle to verify the broker by; turns TLS on
+    tls_insecure: bool = False                   # TLS without verifying the broker's certificate
+    topic_prefix: str = "optd/v1"
     commands: bool = False                       # accept cmd/set (node and fleet-wide) at all
+    hmac_secret: SecretStr | None = None         # commands must then carry `ts` and `hmac`
+    hmac_window_s: float = Field(30.0, gt=0)     # how far a command's `ts` may be from our clock
+    queue_size: int = Field(1000, ge=1)          # outgoing messages held while slow or disconnected
+    keepalive_s: int = Field(30, ge=5)           # the broker declares us gone after 1.5x this
+    reconnect_max_s: float = Field(30.0, gt=0)   # cap of the exponential reconnect backoff
 
     @field_validator("node")
     @classmethod
@@ -141,7 +162,49 @@ class MqttSection(BaseModel):
         # Topics are optd/v1/<node>/...: a separator or wildcard in the name would break the tree.
         if not v or any(c in v for c in "/+#") or any(c.isspace() for c in v):
             raise ValueError("must be a non-empty MQTT topic level: no '/', '+', '#' or spaces")
+        if v == "all":
+            raise ValueError("'all' is the fleet-wide topic level (<prefix>/all/cmd/set), not a node name")
         return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, v: str) -> str:
+        levels = v.split("/")
+        if not v or any(not level or any(c in level for c in "+#") for level in levels):
+            raise ValueError(f"must be topic levels joined by '/', no wildcards or empty levels, got {v!r}")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            broker_address(v)   # raises ValueError with what is wrong
+        return v
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _tls_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"no such file: {v}")
+        return v
+
+
+def broker_address(url: str) -> tuple[str, str, int, str | None, str | None]:
+    """(scheme, host, port, user, password) of an mqtt:// or mqtts:// URL; ValueError naming the problem."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in MQTT_SCHEMES:
+        raise ValueError(f"must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got scheme {parsed.scheme!r}")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ValueError("has an invalid port (mqtt://HOST[:PORT], PORT in 0..65535)") from None
+    if not parsed.hostname:
+        raise ValueError("has no host (mqtt://HOST[:PORT])")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ValueError("must not have a path, query or fragment (topics come from mqtt.topic_prefix)")
+    return (parsed.scheme, parsed.hostname, port or MQTT_SCHEMES[parsed.scheme],
+            unquote(parsed.username) if parsed.username else None,
+            unquote(parsed.password) if parsed.password else None)
 
 
 class DaemonConfig(BaseSettings):
@@ -311,8 +374,8 @@ def _describe(err: Mapping[str, Any], sources: _Sources) -> str:
         msg = _unknown_key(loc)
     elif err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
-    elif "control_token" not in loc and _is_short_scalar(err.get("input")):
-        msg = f"{msg} (got {err['input']!r})"     # never echo the token
+    elif not SECRET_FIELDS & set(loc) and _is_short_scalar(err.get("input")):
+        msg = f"{msg} (got {err['input']!r})"     # never echo a secret
     field = ".".join(str(p) for p in loc)
     return f"{sources.where(loc)}: {field}: {msg}" if field else f"{sources.where(loc)}: {msg}"
 

@@ -10,6 +10,11 @@ running out, see `expire_pins`) puts the knob back at its baseline: the configur
 value the engine had when these routes were built (its start value). Pins are in the store, so
 `restore_pins()` re-applies them after a restart.
 
+Policy: `GET policy` shows the running policy (name, source, mode, effective YAML, version id);
+`PUT policy` with {"name": ...} (a preset or search-path name, or the configured policy's) or
+{"yaml": ...} switches it through the policy job (optd.daemon.policy_job); an invalid policy is a
+400 with its error and the running policy stays.
+
 Blocking work (engine.apply waits for the engine thread's next step boundary; the store is SQLite)
 runs in a worker thread, never on the event loop. One lock serializes every knob write.
 """
@@ -34,6 +39,7 @@ from optd.daemon.events import EventHub, jsonable, sse_message
 from optd.daemon.models import OUTCOMES
 from optd.daemon.openai_api import error, parse_body
 from optd.engine import Engine, Knobs
+from optd.policies.errors import PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,17 @@ class PinRequest(BaseModel):
     reason: str = ""
 
 
+MAX_POLICY_CHARS = 256 * 1024
+
+
+class PolicyRequest(BaseModel):
+    """PUT policy: exactly one of `name` (never a path: see PolicyJob.load_named) or `yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    yaml: str | None = Field(default=None, min_length=1, max_length=MAX_POLICY_CHARS)
+
+
 class _Failure(Exception):
     """An error response computed in a worker thread."""
 
@@ -56,6 +73,11 @@ class _Failure(Exception):
                  kind: str = "invalid_request_error"):
         super().__init__(message)
         self.response = error(status, message, param=param, kind=kind)
+
+
+# What the action methods (pin_knob, unpin_knob, set_paused, set_policy) raise when they refuse; str(e) is
+# the reason. Callers other than HTTP (the MQTT commands, optd.daemon.mqtt_commands) catch it by this name.
+ActionRefused = _Failure
 
 
 def _is_loopback(request: Request) -> bool:
@@ -87,6 +109,8 @@ class ControlRoutes:
         # Build the routes before restore_pins(), so that this is not a pinned value.
         self.baseline = {**dataclasses.asdict(engine.knobs), **self.config_knobs}
         self._write_lock = threading.Lock()
+        # The policy job (optd.daemon.policy_job.PolicyJob), attached by the daemon; None: no policy engine.
+        self.policy = None
         r = self.router = APIRouter(prefix="/v1/control")
         r.add_api_route("/status", self.status, methods=["GET"])
         r.add_api_route("/knobs", self.knobs, methods=["GET"])
@@ -97,6 +121,8 @@ class ControlRoutes:
         r.add_api_route("/decisions", self.decisions, methods=["GET"])
         r.add_api_route("/telemetry", self.telemetry, methods=["GET"])
         r.add_api_route("/events", self.events, methods=["GET"])
+        r.add_api_route("/policy", self.get_policy, methods=["GET"])
+        r.add_api_route("/policy", self.put_policy, methods=["PUT"])
 
     # -- auth --
 
@@ -123,25 +149,32 @@ class ControlRoutes:
             raise _Failure(503, "the engine is not running", kind="server_error")
 
     def _record(self, knob: str, old: Any, new: Any, outcome: str, reason: str, cost_s: float | None,
-                inputs: dict[str, Any]) -> dict[str, Any]:
-        """Record an operator decision, count it, and return it as an event payload."""
-        now = time.time()
+                inputs: dict[str, Any], *, source: str | None = None, policy: str | None = None,
+                mode: str | None = None, ts: float | None = None, flush: bool = True) -> dict[str, Any]:
+        """Record a decision (an operator's, or the policy job's), count it, and return it as an event
+        payload with the fields of a row of `GET decisions`. `source` defaults to inputs["source"]
+        ("api", "config"). `flush=False` leaves the commit to the caller (one per policy tick)."""
+        now = time.time() if ts is None else ts
+        source = source if source is not None else inputs.get("source")
         self.store.add_decision(knob=knob, old_value=old, new_value=new, outcome=outcome, reason=reason,
-                                inputs=inputs, cost_s=cost_s, ts=now)
-        try:
-            self.store.flush()
-        except Exception as e:   # the store keeps or counts the rows; the change itself stands
-            log.warning("could not flush the decision on %s: %s", knob, e)
+                                inputs=inputs, cost_s=cost_s, ts=now, source=source, policy=policy,
+                                mode=mode)
+        if flush:
+            try:
+                self.store.flush()
+            except Exception as e:   # the store keeps or counts the rows; the change itself stands
+                log.warning("could not flush the decision on %s: %s", knob, e)
         if self.metrics is not None:
             self.metrics.record_decision(knob, outcome)
         return {"ts": now, "knob": knob, "old_value": old, "new_value": new, "outcome": outcome,
-                "reason": reason, "cost_s": cost_s, "policy": None, "mode": None, **inputs}
+                "reason": reason, "cost_s": cost_s, "policy": policy, "mode": mode, "source": source,
+                "inputs": inputs}
 
-    def _restore(self, name: str, why: str, action: str) -> dict[str, Any]:
+    def _restore(self, name: str, why: str, action: str, source: str = "api") -> dict[str, Any]:
         """Put `name` back at its baseline after its pin went away; return the event payload."""
         old = getattr(self.engine.knobs, name)
         target = self.baseline.get(name, old)
-        inputs = {"source": "api", "action": action}
+        inputs = {"source": source, "action": action}
         if target == old or not self.engine.is_alive():
             return self._record(name, old, old, "applied", f"{why}; stays at {old!r}", 0.0, inputs)
         outcome = self.engine.apply(**{name: target})[name]
@@ -199,14 +232,15 @@ class ControlRoutes:
         return await asyncio.to_thread(self._status)
 
     def _status(self) -> dict[str, Any]:
+        active = self.policy.active if self.policy is not None else None
         stats = self.engine.stats()
         total = getattr(stats, "kv_blocks_total", 0) or 0
         return {
             "knobs": dataclasses.asdict(self.engine.knobs),
             "pins": self._pins(),
             "paused": bool(self.store.get_state("paused", False)),
-            "policy": None,
-            "mode": None,
+            "policy": active.name if active is not None else None,
+            "mode": active.mode if active is not None else None,
             "engine": {"alive": self.engine.is_alive(), "running": stats.requests_running,
                        "waiting": stats.requests_waiting,
                        "kv_usage": stats.kv_blocks_used / total if total else None},
@@ -287,10 +321,17 @@ class ControlRoutes:
         """401 without the token, 404 for a knob that does not exist, else None."""
         if denied := self._denied(request, write=True):
             return denied
-        if name not in Knobs.names():
-            return error(404, f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})",
-                         param="name", kind="not_found_error")
+        try:
+            self._check_knob(name)
+        except _Failure as f:
+            return f.response
         return None
+
+    @staticmethod
+    def _check_knob(name: str) -> None:
+        if name not in Knobs.names():
+            raise _Failure(404, f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})",
+                           param="name", kind="not_found_error")
 
     async def pin(self, name: str, request: Request):
         if refused := self._refuse_knob_write(request, name):
@@ -299,13 +340,19 @@ class ControlRoutes:
         if isinstance(req, JSONResponse):
             return req
         try:
-            result, event = await asyncio.to_thread(self._pin, name, req)
+            return await self.pin_knob(name, req)
         except _Failure as f:
             return f.response
+
+    async def pin_knob(self, name: str, req: PinRequest, source: str = "api") -> dict[str, Any]:
+        """Pin knob `name` at req.value (PUT knobs/{name}; MQTT "pin"), publish the "override" event, and
+        return the result. Raises ActionRefused (unknown knob, a value the engine rejects, ...)."""
+        self._check_knob(name)
+        result, event = await asyncio.to_thread(self._pin, name, req, source)
         self.hub.publish("override", event)
         return result
 
-    def _pin(self, name: str, req: PinRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _pin(self, name: str, req: PinRequest, source: str = "api") -> tuple[dict[str, Any], dict[str, Any]]:
         with self._write_lock:
             self._check_engine()
             old = getattr(self.engine.knobs, name)
@@ -314,14 +361,14 @@ class ControlRoutes:
                 raise _Failure(400, outcome.reason or f"{name}: {outcome.status}", param="value")
             try:
                 pin = self.store.set_pin(name, outcome.value, reason=req.reason, ttl_s=req.ttl_s,
-                                         source="api")
+                                         source=source)
             except Exception as e:
                 log.error("could not store the pin %s=%r, undoing it: %s", name, req.value, e)
                 self.engine.apply(**{name: old})
                 raise _Failure(503, f"could not store the pin: {e}", kind="server_error") from e
             reason = f"pinned by operator: {req.reason}" if req.reason else "pinned by operator"
             event = self._record(name, old, outcome.value, "applied", reason, outcome.cost_s,
-                                 {"source": "api", "action": "pin", "expires_at": pin["expires_at"]})
+                                 {"source": source, "action": "pin", "expires_at": pin["expires_at"]})
             result = {"knob": name, "value": outcome.value, "pin": _pin_view(pin), "cost_s": outcome.cost_s}
             return result, event
 
@@ -329,20 +376,51 @@ class ControlRoutes:
         if refused := self._refuse_knob_write(request, name):
             return refused
         try:
-            result, event = await asyncio.to_thread(self._unpin, name)
+            return await self.unpin_knob(name)
         except _Failure as f:
             return f.response
+
+    async def unpin_knob(self, name: str, source: str = "api") -> dict[str, Any]:
+        """Release the pin on `name` (DELETE knobs/{name}; MQTT "unpin"): the knob goes back to its
+        baseline; publish the "override" event. Raises ActionRefused (unknown knob, not pinned, ...)."""
+        self._check_knob(name)
+        result, event = await asyncio.to_thread(self._unpin, name, source)
         self.hub.publish("override", event)
         return result
 
-    def _unpin(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _unpin(self, name: str, source: str = "api") -> tuple[dict[str, Any], dict[str, Any]]:
         with self._write_lock:
             self._check_engine()
             if not self.store.delete_pin(name):
                 raise _Failure(404, f"{name} is not pinned", param="name", kind="not_found_error")
-            event = self._restore(name, "unpinned by operator", "unpin")
+            event = self._restore(name, "unpinned by operator", "unpin", source)
             return {"knob": name, "value": getattr(self.engine.knobs, name), "outcome": event["outcome"],
                     "reason": event["reason"]}, event
+
+    async def get_policy(self, request: Request):
+        if denied := self._denied(request, write=False):
+            return denied
+        if self.policy is None:
+            return {"name": None, "source": None, "mode": None, "yaml": None, "version_id": None}
+        return JSONResponse(jsonable(await asyncio.to_thread(self.policy.describe)))
+
+    async def put_policy(self, request: Request):
+        if denied := self._denied(request, write=True):
+            return denied
+        if self.policy is None:
+            return error(503, "this daemon runs no policy engine", kind="server_error")
+        req = await parse_body(request, PolicyRequest,
+                               unknown_field="is not a known field (give name or yaml)")
+        if isinstance(req, JSONResponse):
+            return req
+        if (req.name is None) == (req.yaml is None):
+            return error(400, "give exactly one of 'name' (a policy name) or 'yaml' (a policy document)")
+        try:
+            view = await self.policy.switch_request(name=req.name, yaml_text=req.yaml)
+        except PolicyError as e:
+            return error(400, "; ".join(str(err) for err in e.errors),
+                         param="name" if req.name is not None else "yaml")
+        return JSONResponse(jsonable(view))
 
     async def pause(self, request: Request):
         return await self._set_paused(request, True)
@@ -353,6 +431,26 @@ class ControlRoutes:
     async def _set_paused(self, request: Request, paused: bool):
         if denied := self._denied(request, write=True):
             return denied
+        return await self.set_paused(paused)
+
+    async def set_paused(self, paused: bool) -> dict[str, Any]:
+        """Pause or resume automation (POST pause|resume; MQTT "pause"|"resume") and publish the event."""
         await asyncio.to_thread(self.store.set_state, "paused", paused)
         self.hub.publish("pause" if paused else "resume", {"ts": time.time(), "paused": paused})
         return {"paused": paused}
+
+    async def set_policy(self, name: str) -> dict[str, Any]:
+        """Switch to the policy called `name` (a preset or search-path name, as PUT policy {"name": ...};
+        MQTT "set_policy") and return the new policy's view. Raises ActionRefused when no policy engine
+        runs or the policy is unknown or invalid (the running policy stays)."""
+        if self.policy is None:
+            raise _Failure(503, "policy switching not available (this daemon runs no policy engine)",
+                           kind="server_error")
+        try:
+            return await self.policy.switch_request(name=name)
+        except PolicyError as e:
+            raise _Failure(400, "; ".join(str(err) for err in e.errors), param="name") from None
+
+    def status_view(self) -> dict[str, Any]:
+        """GET status's JSON (blocking: the store and the engine's stats; call it in a worker thread)."""
+        return self._status()

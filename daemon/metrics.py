@@ -7,6 +7,8 @@ tests in one process do not collide. It is fed by the daemon:
 - `update_sample(sample)` with the latest telemetry sample (the flat dict of DESIGN.md);
 - `observe_request(ttft_s, itl_s, e2e_s)` once per finished request (latency histograms);
 - `record_decision(knob, outcome)` once per policy or operator decision;
+- the MQTT bridge increments `mqtt_sent`, `mqtt_dropped` (by kind) and `mqtt_commands` (by outcome)
+  and sets `mqtt_connected`;
 
 and `render(accept)` returns the exposition body and its content type for the HTTP layer.
 
@@ -35,7 +37,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -205,6 +214,17 @@ class Metrics:
         for knob in Knobs.names():
             for outcome in DECISION_OUTCOMES:
                 self.decisions.labels(knob=knob, outcome=outcome)
+        # The MQTT bridge's (optd.daemon.mqtt); its label sets appear once the bridge starts.
+        self.mqtt_sent = Counter("optd_mqtt_messages_sent", "MQTT messages published, by topic kind.",
+                                 labelnames=["kind"], registry=self.registry)
+        self.mqtt_dropped = Counter("optd_mqtt_messages_dropped",
+                                    "MQTT messages discarded unsent (outgoing queue full, or lost with "
+                                    "the connection), by topic kind.", labelnames=["kind"],
+                                    registry=self.registry)
+        self.mqtt_commands = Counter("optd_mqtt_commands", "MQTT commands, by outcome (ok, refused).",
+                                     labelnames=["outcome"], registry=self.registry)
+        self.mqtt_connected = Gauge("optd_mqtt_connected", "1 while the MQTT bridge is connected.",
+                                    labelnames=["node"], registry=self.registry)
 
     # -- feeding -------------------------------------------------------------------------------------
 

@@ -19,7 +19,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-OUTCOMES = ("applied", "rejected", "rolled_back")
+# What became of a decision (optd.policies.decision): applied, refused by the engine, rolled back after a
+# fault; or not actuated because automation is paused, the policy only observes, the knob is pinned, or
+# a guardrail or damping held it (the last four added by revision 0003).
+OUTCOMES = ("applied", "rejected", "rolled_back", "paused", "observe", "pinned", "held")
 # How a request recorded in `requests` ended (see optd.daemon.request_log for which requests are recorded).
 REQUEST_STATUSES = ("ok", "error", "aborted", "rejected")
 
@@ -75,7 +78,8 @@ class Decision(Base):
 
     __tablename__ = "decisions"
     __table_args__ = (
-        CheckConstraint("outcome IN ('applied', 'rejected', 'rolled_back')", name="outcome"),
+        CheckConstraint("outcome IN ('applied', 'rejected', 'rolled_back', 'paused', 'observe', 'pinned', "
+                        "'held')", name="outcome"),
         Index("ix_decisions_knob_ts", "knob", "ts"),
     )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -90,6 +94,9 @@ class Decision(Base):
     policy: Mapped[str | None] = mapped_column(String(128), nullable=True)
     mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
     cost_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Added by revision 0003: what decided it: "policy:<name>/<controller or rule>", "guardrail:<name>",
+    # "api" (an operator), "config" (a reload).
+    source: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class Pin(Base):

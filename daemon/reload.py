@@ -12,9 +12,13 @@ What applies at once:
 - `server.max_waiting`: the admission bound, from the next request on.
 - `server.drain_timeout_s`: used by the next SIGTERM.
 - `store.raw_retention_s`: the daemon's periodic prune reads it from the configuration in force.
+- `policy`: re-read on every reload, even when the reference is the same (its file may have changed);
+  the policy switches when the reference or the effective policy changed (optd.daemon.policy_job's
+  `reload`: a policy switched through the API since stays otherwise), and stops when `policy:` was
+  removed. An invalid policy changes nothing: the running policy stays, and STATUS= says so.
 
 Everything else (engine.*, server.host/port/control_token, store.url/flush_interval_s, telemetry.*,
-slo.*, policy, mqtt.*) needs a restart: the reload names those fields in STATUS= and the log, and the
+slo.*, mqtt.*) needs a restart: the reload names those fields in STATUS= and the log, and the
 daemon keeps running with, and later reloads compare against, the values it started with. A configuration
 that fails to load or validate changes nothing; its error (file:line: field: problem) is logged and
 shown in STATUS=.
@@ -26,7 +30,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import BaseModel
@@ -35,6 +39,10 @@ from optd.daemon.config import ConfigError, DaemonConfig
 from optd.daemon.control_api import ControlRoutes
 from optd.daemon.openai_api import OpenAIRoutes
 from optd.daemon.sdnotify import READY, Notifier, reloading, status
+from optd.policies.errors import PolicyError
+
+if TYPE_CHECKING:
+    from optd.daemon.policy_job import PolicyJob
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +88,11 @@ class Reloader:
     """Owns the configuration in force; `request()` is the SIGHUP handler."""
 
     def __init__(self, load: Callable[[], DaemonConfig], running: DaemonConfig, notifier: Notifier,
-                 control: ControlRoutes, openai: OpenAIRoutes, server: uvicorn.Server) -> None:
+                 control: ControlRoutes, openai: OpenAIRoutes, server: uvicorn.Server, *,
+                 policy: PolicyJob | None = None) -> None:
         self.load, self.running, self.notifier = load, running, notifier
         self.control, self.openai, self.server = control, openai, server
+        self.policy = policy
         self._task: asyncio.Task | None = None
         self._again = False
 
@@ -127,9 +137,10 @@ class Reloader:
         knobs = {path.removeprefix("knobs."): new_value for path, (_, new_value) in changes.items()
                  if path.startswith("knobs.")}
         keep_knobs = await asyncio.to_thread(self._apply_knobs, knobs, report) if knobs else {}
+        policy_ok = await self._reload_policy(new.policy, report) if self.policy is not None else False
         sections: dict[str, dict[str, Any]] = {}
         for path, (_, value) in changes.items():
-            if path.startswith("knobs."):
+            if path.startswith("knobs.") or (path == "policy" and self.policy is not None):
                 continue
             if path not in RUNTIME_FIELDS:
                 report.restart.append(path)
@@ -145,7 +156,23 @@ class Reloader:
         # ones, which is exactly what is in force.
         self.running = self.running.model_copy(update={
             s: getattr(self.running, s).model_copy(update=fields) for s, fields in sections.items()})
+        if policy_ok:
+            self.running = self.running.model_copy(update={"policy": new.policy})
         return report
+
+    async def _reload_policy(self, ref: str | None, report: ReloadReport) -> bool:
+        """Re-read the configured policy; False when it is invalid (the running one stays)."""
+        assert self.policy is not None
+        try:
+            changed = await self.policy.reload(ref)
+        except PolicyError as e:
+            running = self.policy.active.name if self.policy.active is not None else "none"
+            report.failed.append(f"policy {ref}: {'; '.join(str(e).splitlines())} (running policy {running} "
+                                 "kept)")
+            return False
+        if changed is not None:
+            report.applied.append(changed)
+        return True
 
     def _apply(self, path: str, value: Any) -> None:
         if path == "server.max_waiting":

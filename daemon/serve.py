@@ -2,7 +2,10 @@
 
 Start-up: the schema is upgraded, the model loads (systemd is asked for more time while it does), then
 READY=1. SIGTERM: STOPPING=1, stop accepting connections, let in-flight requests finish (up to
-server.drain_timeout_s), flush the store, exit 0. SIGHUP: reload the configuration (optd.daemon.reload).
+server.drain_timeout_s), flush the store, exit 0. SIGHUP: reload the configuration and the policy
+(optd.daemon.reload). With a policy (config `policy:`, `--policy`, or later `PUT /v1/control/policy`) the
+policy job turns the knobs (optd.daemon.policy_job); the quality probe runs at start, periodically and
+after every change of a quality knob (optd.daemon.quality_probe).
 The watchdog is fed from the event loop, and only while the engine thread is alive.
 """
 
@@ -22,6 +25,9 @@ from optd.daemon.devices import DeviceProbe
 from optd.daemon.events import EventHub
 from optd.daemon.load import start_demo_load
 from optd.daemon.metrics import Metrics
+from optd.daemon.mqtt import MqttBridge
+from optd.daemon.policy_job import ActivePolicy, PolicyJob, slo_for
+from optd.daemon.quality_probe import QualityProbe
 from optd.daemon.reload import Reloader
 from optd.daemon.request_log import FinishedBuffer, RequestLog
 from optd.daemon.sdnotify import (
@@ -37,6 +43,8 @@ from optd.daemon.state import control_token
 from optd.daemon.store import Store
 from optd.daemon.telemetry import SLO, RingBuffer, Sampler, TelemetryJob
 from optd.engine import Engine
+from optd.policies.errors import PolicyError
+from optd.policies.loader import load_policy
 
 log = logging.getLogger("optd.serve")
 PRUNE_EVERY_S = 3600.0
@@ -54,8 +62,16 @@ async def serve(config: DaemonConfig, state_dir: Path, demo: bool = False,
     notifier.notify(extend_timeout(900), status("upgrading the database and loading the model"))
     url = config.store.database_url(state_dir)
     await asyncio.to_thread(db.upgrade, url)
+    policy = None
+    if config.policy is not None:   # before the model loads: a bad policy is a bad config, found fast
+        try:
+            policy = await asyncio.to_thread(load_policy, config.policy)
+        except PolicyError as e:
+            raise ConfigError(f"policy: {e}") from None
     store = Store(url)
-    engine = await asyncio.to_thread(Engine, config.engine_config())
+    engine_config = config.engine_config()
+    engine_config.quality_cache_dir = str(state_dir / "quality")    # the probe's reference, kept
+    engine = await asyncio.to_thread(Engine, engine_config)
     config_knobs = config.knobs.model_dump(exclude_none=True)
     applied = await asyncio.to_thread(engine.apply, **config_knobs)
     if not applied.ok:
@@ -78,9 +94,26 @@ async def serve(config: DaemonConfig, state_dir: Path, demo: bool = False,
     def publish(sample: dict) -> None:
         hub.publish("sample", sample)
 
-    sampler = Sampler(engine.stats, lambda: engine.knobs, DeviceProbe(), slo=SLO.from_config(config.slo),
-                      finished=finished.drain)
+    config_slo = SLO.from_config(config.slo)
+    probe = QualityProbe(engine, config.telemetry.quality_probe_every_s)
+    sampler = Sampler(engine.stats, lambda: engine.knobs, DeviceProbe(), slo=config_slo,
+                      finished=finished.drain, quality=probe, spec_detail=True)
+
+    def on_policy(active: ActivePolicy | None) -> None:
+        sampler.slo = slo_for(active, config_slo)
+        probe.set_interval(active.loaded.policy.spec.quality_probe_every if active is not None
+                           else config.telemetry.quality_probe_every_s)
+
+    policy_job = PolicyJob(control, ring, configured=config.policy, listeners=[on_policy], quality=probe)
+    control.policy = policy_job
+    if policy is not None:
+        await asyncio.to_thread(policy_job.activate_configured, policy)
     subscribers = [ring, store.add_sample, metrics.update_sample, publish]
+    # The MQTT bridge (optional): its subscriber only queues the sample, never blocks the sampler.
+    mqtt = None
+    if config.mqtt.url is not None:
+        mqtt = MqttBridge(config.mqtt, control, hub, model=model_name(config.engine.model), metrics=metrics)
+        subscribers.append(mqtt.publish_sample)
     job = TelemetryJob(sampler, config.telemetry.interval_s, subscribers)
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                            log_level="info", lifespan="off",
@@ -100,9 +133,14 @@ async def serve(config: DaemonConfig, state_dir: Path, demo: bool = False,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    reloader = Reloader(load or (lambda: config), config, notifier, control, app.state.openai, server)
+    reloader = Reloader(load or (lambda: config), config, notifier, control, app.state.openai, server,
+                        policy=policy_job)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
     job.start(loop)
+    if mqtt is not None:
+        mqtt.start()
+    probe.start(loop)
+    policy_job.start(loop)
     flush = _every(config.store.flush_interval_s, lambda: asyncio.to_thread(store.flush))
     expire = _every(1.0, lambda: asyncio.to_thread(control.expire_pins))
     # Retention, through the store's own (single writer) connection: old samples into one-minute
@@ -119,6 +157,10 @@ async def serve(config: DaemonConfig, state_dir: Path, demo: bool = False,
         for task in [*tasks, ready]:
             task.cancel()
         job.shutdown()
+        if mqtt is not None:
+            await mqtt.stop()       # `offline`, retained, then a clean disconnect
+        await policy_job.stop()     # both wait for engine work in flight: the engine stops next
+        await probe.stop()
         store.close()  # flushes what is queued
         await asyncio.to_thread(engine.shutdown)
     return 0

@@ -246,7 +246,8 @@ class Store:
 
     def add_decision(self, *, knob: str, old_value: Any, new_value: Any, outcome: str, reason: str = "",
                      inputs: Mapping[str, Any] | None = None, policy: str | None = None,
-                     mode: str | None = None, cost_s: float | None = None, ts: float | None = None) -> None:
+                     mode: str | None = None, cost_s: float | None = None, ts: float | None = None,
+                     source: str | None = None) -> None:
         # Checked here, not by the database: one bad row would fail the whole batch's transaction.
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
@@ -255,6 +256,7 @@ class Store:
             "old_value": _jsonable(old_value), "new_value": _jsonable(new_value), "outcome": outcome,
             "reason": reason, "inputs": None if inputs is None else _jsonable(inputs),
             "policy": _clip(policy, 128), "mode": _clip(mode, 16), "cost_s": _finite(cost_s),
+            "source": _clip(source, 128),
         })
 
     def add_request(self, *, request_id: str, arrival: float, ttft_s: float | None, e2e_s: float | None,

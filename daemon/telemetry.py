@@ -24,6 +24,16 @@ Sample fields (DESIGN.md, "Telemetry sample and policy format"; seconds, bytes, 
 - knobs: `spec_length`, `kv_compression`, `weight_bits`, `max_batch_size`.
 
 Every sample carries every key; None means "no data" (store, ring buffer and policies skip it).
+
+With `spec_detail=True` (what `optd serve` uses) a sample also carries what the goodput controller reads
+(optd.policies.controllers), beyond DESIGN.md's flat sample; scalars, so the store keeps them and a
+replay sees what the live policy saw:
+- `spec_accept_pos<j>` for j = 1..max_spec_length: the fraction of the interval's drafts whose first j
+  tokens were all accepted, delta(spec_accepted_per_pos[j-1]) / delta(spec_drafts_total); None when
+  there were no drafts, or j exceeds the spec_length in force at either end of the interval (those
+  positions were not proposed throughout it).
+- `step_time_k<k>`: the engine's smoothed decode step time (seconds) at spec_length k, for each k it
+  has measured (EngineStats.step_time_s; a gauge, not a delta).
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ SAMPLE_FIELDS = (
     "requests_running", "requests_waiting", "preemptions_per_s", "kv_usage", "acceptance_rate",
     "acceptance_length", "quality_top1", "quality_kl", *GPU_FIELDS, *PROCESS_FIELDS, *KNOB_FIELDS,
 )
+ACCEPT_POS_PREFIX, STEP_TIME_PREFIX = "spec_accept_pos", "step_time_k"
 
 Sample = dict[str, float | None]
 
@@ -124,9 +135,11 @@ class Sampler:
                  device: DeviceProbe | None = None, *, slo: SLO | None = None,
                  finished: Callable[[], Iterable[FinishedRequest]] | None = None,
                  quality: Callable[[], tuple[float, float] | None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, spec_detail: bool = False) -> None:
         self._stats, self._knobs, self._device, self._quality = stats, knobs, device, quality
         self._finished = finished
+        self._spec_detail = spec_detail
+        self._prev_spec_length: int | None = None
         self.slo = slo or SLO()
         self._clock = clock
         self._last_t = clock()
@@ -156,6 +169,7 @@ class Sampler:
         drafts, proposed = delta("spec_drafts_total"), delta("spec_draft_tokens_total")
         accepted = delta("spec_accepted_tokens_total")
         tokens_per_s = rate("generation_tokens_total")
+        knobs = self._knobs()
 
         out: Sample = {
             "ts": ts,
@@ -185,8 +199,11 @@ class Sampler:
         out.update(dict.fromkeys((*GPU_FIELDS, *PROCESS_FIELDS)))
         if self._device is not None:
             out.update(self._device.read())
-        knobs = self._knobs()
         out.update({name: float(getattr(knobs, name)) for name in KNOB_FIELDS})
+        if self._spec_detail:
+            k_prev = knobs.spec_length if self._prev_spec_length is None else self._prev_spec_length
+            out.update(spec_detail(prev, cur, drafts, min(k_prev, knobs.spec_length)))
+        self._prev_spec_length = knobs.spec_length
         return out
 
     def _goodput(self, elapsed: float) -> float | None:
@@ -198,6 +215,19 @@ class Sampler:
         good = sum(r.completion_tokens for r in finished
                    if r.status == "ok" and self.slo.met(r.ttft_s, r.itl_mean_s))
         return good / elapsed
+
+
+def spec_detail(prev: EngineStats, cur: EngineStats, drafts: int, proposed_to: int) -> Sample:
+    """The goodput controller's extra sample keys (see the module docstring): per-position acceptance
+    over the interval for positions 1..`proposed_to`, and the step time per spec_length."""
+    out: Sample = {}
+    before, after = prev.spec_accepted_per_pos, cur.spec_accepted_per_pos
+    for j in range(1, len(after) + 1):
+        ok = drafts > 0 and j <= proposed_to and j <= len(before)
+        out[f"{ACCEPT_POS_PREFIX}{j}"] = max(after[j - 1] - before[j - 1], 0) / drafts if ok else None
+    for k, seconds in sorted(cur.step_time_s.items()):
+        out[f"{STEP_TIME_PREFIX}{k}"] = float(seconds)
+    return out
 
 
 class RingBuffer:

@@ -35,7 +35,7 @@ def test_generate_with_speculation_and_its_refusal():
 def test_db_upgrade_prune_downgrade_and_a_bad_config(tmp_path):
     state = ["--state-dir", str(tmp_path)]
     up = optd("db", *state, "upgrade")
-    assert up.returncode == 0 and "schema at 0002" in up.stdout
+    assert up.returncode == 0 and "schema at 0003" in up.stdout
     assert (tmp_path / "optd.db").exists()
     pruned = optd("db", *state, "prune", "--retention-s", "60")
     assert pruned.returncode == 0 and "rolled up 0 samples" in pruned.stdout

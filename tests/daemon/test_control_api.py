@@ -225,7 +225,7 @@ def test_events_stream_over_sse(engine, url):
         assert events[0] == ("pause", {"ts": pytest.approx(time.time(), abs=30), "paused": True})
         kind, data = events[1]
         assert kind == "override" and data["knob"] == "max_batch_size" and data["new_value"] == 5
-        assert data["outcome"] == "applied" and data["expires_at"] is not None
+        assert data["outcome"] == "applied" and data["inputs"]["expires_at"] is not None
         assert httpx.get(f"{base}/decisions").status_code == 200
     finally:
         hub.close()

@@ -82,7 +82,7 @@ def tables(url) -> set[str]:
 
 def test_upgrade_downgrade_round_trip(url):
     db.upgrade(url)
-    assert tables(url) == TABLES and db.current(url) == "0002"
+    assert tables(url) == TABLES and db.current(url) == "0003"
     db.downgrade(url, "base")
     assert tables(url) == set() and db.current(url) is None
     db.upgrade(url)
