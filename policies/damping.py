@@ -21,8 +21,10 @@ fraction of a unit becomes one unit rather than nothing, and a move never oversh
 by more than that unit.
 
 An `urgent` recommendation (a controller's safety move, e.g. aimd halving the batch on an SLO breach)
-skips its direction's stabilization window, since it is already based on a window of measurements and
-waiting would prolong the breach; it is still recorded, bounded by max_step, tolerance and clamping.
+skips its direction's stabilization window and max_step, since it is already based on a window of
+measurements and is its own bound (a halving is the "multiplicative decrease" of AIMD: capped at
+max_step 1, as in the balanced preset, it would take minutes to end a breach); it is still recorded,
+and bounded by tolerance and clamping.
 """
 
 import math
@@ -143,7 +145,7 @@ class Damper:
         if abs(target - current) < tolerance - EPS:
             return Damped(current, desired, held_by=f"change {_fmt(abs(target - current))} is below "
                                                     f"the tolerance {_fmt(tolerance)}")
-        limited = step_limit(knob, current, target, direction.max_step, lo, hi)
+        limited = target if urgent else step_limit(knob, current, target, direction.max_step, lo, hi)
         limited = quantize(knob, limited, current, lo, hi)
         limited_by = None
         if not same(limited, target):

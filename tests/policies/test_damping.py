@@ -64,12 +64,14 @@ def test_down_window_uses_the_highest_recommendation_in_it():
     assert d.damp("max_batch_size", 60, 32, 9, lo=1, hi=64).value == 13
 
 
-def test_urgent_skips_the_window_but_not_max_step():
+def test_urgent_skips_the_window_and_max_step():
     d = damper(down=120, down_step=4)
     d.damp("max_batch_size", 0, 32, 32, lo=1, hi=64)
     assert d.damp("max_batch_size", 5, 32, 16, lo=1, hi=64).value == 32
-    r = d.damp("max_batch_size", 10, 32, 16, lo=1, hi=64, urgent=True)
-    assert r.value == 28 and "max_step 4" in r.limited_by
+    assert d.damp("max_batch_size", 10, 32, 20, lo=1, hi=64).value == 32  # not urgent: held
+    r = d.damp("max_batch_size", 15, 32, 16, lo=1, hi=64, urgent=True)
+    assert r.value == 16 and r.limited_by is None
+    assert d.damp("max_batch_size", 20, 32, 0, lo=1, hi=64, urgent=True).value == 1  # still clamped
 
 
 def test_tolerance_and_no_change():

@@ -65,9 +65,9 @@ def test_replay_of_a_recorded_database_gives_the_same_decisions_twice(recorded, 
     ups = [d for d in batch if d["new"] > d["old"]]
     downs = [d for d in batch if d["new"] < d["old"]]
     # Requests waited while the SLOs held: up by behavior.up.max_step (2), only in that first minute
-    # plus the 30 s up-window; the breach: down, by behavior.down.max_step (1), from BREACH_AT on.
+    # plus the 30 s up-window; the breach: halved at once (aimd's urgent decrease ignores max_step).
     assert ups and all(d["new"] == 18 and d["ts"] < T0 + 60 + 30 for d in ups)
-    assert downs and all(d["new"] == 15 and d["ts"] >= T0 + BREACH_AT for d in downs)
+    assert downs and all(d["new"] == 8 and d["ts"] >= T0 + BREACH_AT for d in downs)
     assert all(d["source"] == "policy:balanced/aimd" and d["outcome"] == "applied" for d in batch)
     assert "> SLO 60ms" in downs[0]["reason"] and downs[0]["inputs"]["itl_p95"] > 0.06
     spec = [d for d in decisions if d["knob"] == "spec_length"]
@@ -78,7 +78,7 @@ def test_replay_of_a_recorded_database_gives_the_same_decisions_twice(recorded, 
     code, text, _ = run(capsys, "balanced", "--db", url, "--config", config)
     lines = text.splitlines()
     assert code == 0 and len(lines) == len(decisions)
-    assert "max_batch_size 16 -> 15 [applied] policy:balanced/aimd: ITL p95" in text
+    assert "max_batch_size 16 -> 8 [applied] policy:balanced/aimd: ITL p95" in text
 
 
 def test_since_limits_the_samples_and_bad_input_exits_2(recorded, capsys):
