@@ -100,6 +100,13 @@ def cmd_client(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    # Imported here: Textual loads only for the dashboard, and the dashboard never imports the daemon.
+    from optd.tui.main import run
+
+    return run(args.url, args.token, args.state_dir)
+
+
 def client_args(parser: argparse.ArgumentParser) -> None:
     from optd.daemon.client import add_arguments
 
@@ -164,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         parser.set_defaults(func=cmd_client)
         return parser
 
+    top = sub.add_parser("top", help="the dashboard: watch the control loop and override it")
+    top.add_argument("--url", default="http://127.0.0.1:8000", help="the daemon's base URL")
+    top.add_argument("--token", default=None, help="control token (default: from the state directory)")
+    top.add_argument("--state-dir", type=Path, default=None, help="where the daemon keeps control.token")
+    top.set_defaults(func=cmd_top)
 
     client("status", "the daemon's knobs, pins, policy and engine state")
     knobs = client("knobs", "show knobs; set (pin) or unpin one")
