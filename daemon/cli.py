@@ -102,9 +102,15 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_top(args: argparse.Namespace) -> int:
     # Imported here: Textual loads only for the dashboard, and the dashboard never imports the daemon.
+    if args.mqtt is not None:
+        if args.url is not None:
+            raise ValueError("--url and --mqtt: give one (the fleet view opens each node's own URL)")
+        from optd.tui.fleet.main import run as fleet
+
+        return fleet(args.mqtt, args.prefix, args.token, args.state_dir, args.hmac_secret)
     from optd.tui.main import run
 
-    return run(args.url, args.token, args.state_dir)
+    return run(args.url or "http://127.0.0.1:8000", args.token, args.state_dir)
 
 
 def client_args(parser: argparse.ArgumentParser) -> None:
@@ -172,9 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
         return parser
 
     top = sub.add_parser("top", help="the dashboard: watch the control loop and override it")
-    top.add_argument("--url", default="http://127.0.0.1:8000", help="the daemon's base URL")
+    top.add_argument("--url", default=None, help="the daemon's base URL (default http://127.0.0.1:8000)")
     top.add_argument("--token", default=None, help="control token (default: from the state directory)")
     top.add_argument("--state-dir", type=Path, default=None, help="where the daemon keeps control.token")
+    top.add_argument("--mqtt", default=None, metavar="URL",
+                     help="the fleet view: every node on this broker (mqtt://HOST[:PORT], mqtts://...)")
+    top.add_argument("--prefix", default="optd/v1", help="with --mqtt: the nodes' topic prefix")
+    top.add_argument("--hmac-secret", default=None,
+                     help="with --mqtt: sign fleet commands (default: $OPTD_MQTT__HMAC_SECRET)")
     top.set_defaults(func=cmd_top)
 
     client("status", "the daemon's knobs, pins, policy and engine state")

@@ -10,6 +10,15 @@ running out, see `expire_pins`) puts the knob back at its baseline: the configur
 value the engine had when these routes were built (its start value). Pins are in the store, so
 `restore_pins()` re-applies them after a restart.
 
+Ranges: `GET knobs` also carries `ranges`, per knob {"min", "max", "integer", "supported"} and, for a
+knob this engine cannot turn, "reason": the engine's envelope (spec_length 0..max_spec_length with a
+drafter, else 0..0; max_batch_size 1..max_num_seqs; the others their natural range, or only the value
+they hold where the engine cannot turn them), what a pin may ask for; clients check a value against it
+before sending (the engine checks again).
+
+Requests: `GET requests` has the engine's running and waiting counts and the latest requests that did not
+end ok (`recent_errors`, newest first, from the OpenAI routes' RequestLog; optd.daemon.request_log).
+
 Policy: `GET policy` shows the running policy (name, source, mode, effective YAML, version id);
 `PUT policy` with {"name": ...} (a preset or search-path name, or the configured policy's) or
 {"yaml": ...} switches it through the policy job (optd.daemon.policy_job); an invalid policy is a
@@ -39,11 +48,14 @@ from optd.daemon.events import EventHub, jsonable, sse_message
 from optd.daemon.models import OUTCOMES
 from optd.daemon.openai_api import error, parse_body
 from optd.engine import Engine, Knobs
+from optd.engine.knobs import check_knob
 from optd.policies.errors import PolicyError
+from optd.policies.schema import KNOB_LIMITS
 
 log = logging.getLogger(__name__)
 
 MAX_DECISIONS = 1000
+MAX_RECENT_ERRORS = 50
 MAX_TELEMETRY_S = 86_400.0
 KEEPALIVE_S = 15.0
 
@@ -114,6 +126,7 @@ class ControlRoutes:
         r = self.router = APIRouter(prefix="/v1/control")
         r.add_api_route("/status", self.status, methods=["GET"])
         r.add_api_route("/knobs", self.knobs, methods=["GET"])
+        r.add_api_route("/requests", self.requests, methods=["GET"])
         r.add_api_route("/knobs/{name}", self.pin, methods=["PUT"])
         r.add_api_route("/knobs/{name}", self.unpin, methods=["DELETE"])
         r.add_api_route("/pause", self.pause, methods=["POST"])
@@ -250,7 +263,49 @@ class ControlRoutes:
         if denied := self._denied(request, write=False):
             return denied
         pins = await asyncio.to_thread(self._pins)
-        return {"knobs": dataclasses.asdict(self.engine.knobs), "pins": pins, "configured": self.baseline}
+        return {"knobs": dataclasses.asdict(self.engine.knobs), "pins": pins, "configured": self.baseline,
+                "ranges": self.knob_ranges()}
+
+    def knob_ranges(self) -> dict[str, dict[str, Any]]:
+        """What each knob may be set to on this engine (module docstring). Whether a knob is supported is
+        asked of the engine's own check (optd.engine.knobs.check_knob) with the value it holds now, so the
+        two cannot disagree; an unsupported knob's range is that value alone. The start-up config fixes
+        the envelope of spec_length and max_batch_size; the others keep their natural range (DESIGN.md's
+        knob table, optd.policies.schema.KNOB_LIMITS)."""
+        cfg, knobs = self.engine.config, dataclasses.asdict(self.engine.knobs)
+        has_drafter = getattr(self.engine, "drafter", None) is not None
+        envelope = {"spec_length": (0, cfg.max_spec_length if has_drafter else 0),
+                    "max_batch_size": (1, cfg.max_num_seqs)}
+        ranges: dict[str, dict[str, Any]] = {}
+        for name, value in knobs.items():
+            why = check_knob(name, value, max_num_seqs=cfg.max_num_seqs, max_spec_length=cfg.max_spec_length,
+                             has_drafter=has_drafter)
+            natural = KNOB_LIMITS[name]
+            lo, hi = envelope.get(name, (natural.lo, natural.hi)) if why is None else (value, value)
+            ranges[name] = {"min": lo, "max": hi, "integer": isinstance(value, int), "supported": why is None}
+            if why is not None:
+                ranges[name]["reason"] = why
+        return ranges
+
+    async def requests(self, request: Request):
+        if denied := self._denied(request, write=False):
+            return denied
+        raw = request.query_params.get("limit", "20")
+        try:
+            limit = int(raw)
+        except ValueError:
+            return error(400, f"limit must be an integer, got {raw!r}", param="limit")
+        if not 1 <= limit <= MAX_RECENT_ERRORS:
+            return error(400, f"limit must be in 1..{MAX_RECENT_ERRORS}, got {limit}", param="limit")
+        stats = await asyncio.to_thread(self.engine.stats)      # as in status: it may wait for the engine
+        # The OpenAI routes' request log (create_app keeps the routes on app.state): None in an app that
+        # serves only the control API.
+        request_log = getattr(getattr(request.app.state, "openai", None), "requests", None)
+        recent = request_log.recent_errors if request_log is not None else None
+        return JSONResponse(jsonable({
+            "running": stats.requests_running, "waiting": stats.requests_waiting,
+            "recent_errors": recent.latest(limit) if recent is not None else [],
+            "error_counts": recent.counts() if recent is not None else {}}))
 
     async def decisions(self, request: Request):
         if denied := self._denied(request, write=False):

@@ -11,9 +11,10 @@ Topics, under `<prefix>/<node>/` (prefix `optd/v1`, node the host name, by defau
 - `decisions`  QoS 1: every decision, as the control API's event stream carries it (JSON: ts, knob,
                old_value, new_value, outcome, reason, cost_s, policy, mode, source, inputs): the policy's
                ("decision") and the operators' pins and unpins ("override").
-- `knobs`      retained, QoS 1: {"ts", "node", "model", "knobs": {the four}, "pins": {...}, "paused",
-               "policy", "mode"} (GET /v1/control/status's fields); republished when it changes, and
-               after every (re)connect.
+- `knobs`      retained, QoS 1: {"ts", "node", "model", "url", "knobs": {the four}, "pins": {...},
+               "paused", "policy", "mode"} (GET /v1/control/status's fields; `url` the node's HTTP API,
+               null until it listens: where a fleet dashboard opens the node); republished when it
+               changes, and after every (re)connect.
 - `cmd/set`, and the fleet-wide `<prefix>/all/cmd/set`: commands, when enabled; replies on `cmd/result`
   (optd.daemon.mqtt_commands).
 
@@ -32,6 +33,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import ssl
 import time
 from typing import Any
@@ -68,6 +70,14 @@ def _json(data: Any) -> bytes:
     return json.dumps(jsonable(data), separators=(",", ":")).encode()
 
 
+def http_url(host: str, port: int) -> str:
+    """The base URL other machines reach the HTTP API at, for the `knobs` message: a wildcard bind
+    address names no machine, so it becomes this host's name."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def backoff(attempt: int, cap: float) -> float:
     """Seconds before reconnect `attempt` (0-based): doubling from BACKOFF_FIRST_S up to `cap`, with
     "equal jitter" (half fixed, half random) so a fleet that lost its broker does not return in step."""
@@ -93,6 +103,7 @@ class MqttBridge:
             self.commands = CommandHandler(control, settings.node, hmac_secret=secret,
                                            hmac_window_s=settings.hmac_window_s, metrics=metrics)
         self.connected = False
+        self.http_url: str | None = None        # the HTTP API's base URL, once it listens (set_http_url)
         self.connections = 0                    # successful connects so far
         self._last_knobs: dict[str, Any] | None = None
         self._knobs_changed = asyncio.Event()
@@ -125,10 +136,16 @@ class MqttBridge:
                 self.outbox.put(Outgoing("decision", self.topics.decisions, _json(data), qos=1))
             self._knobs_changed.set()       # a decision, pin, pause or policy switch may change `knobs`
 
+    def set_http_url(self, url: str) -> None:
+        """Where this node's HTTP API listens (known once the server is up, its port may be picked then):
+        it goes into the retained `knobs` message."""
+        self.http_url = url
+        self._knobs_changed.set()
+
     def knobs_state(self) -> dict[str, Any]:
         """The `knobs` payload without its ts (blocking: the store; call it in a worker thread)."""
         status = self.control.status_view()
-        return jsonable({"node": self.node, "model": self.model,
+        return jsonable({"node": self.node, "model": self.model, "url": self.http_url,
                          **{k: status.get(k) for k in ("knobs", "pins", "paused", "policy", "mode")}})
 
     async def _watch_knobs(self) -> None:

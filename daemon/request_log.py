@@ -19,6 +19,10 @@ first generated token reaching it, the gap between consecutive tokens (ITL; toke
 as arriving together), and end-to-end from arrival to the final token (or to the abort). Only `ok`
 requests feed the Prometheus latency histograms and goodput: an aborted request's "latency" measures
 its client, and a failed one's measures the fault.
+
+The last `RECENT_ERRORS` requests that did not end `ok` are also kept in memory (`RequestLog.recent_errors`,
+`GET /v1/control/requests`): what an operator looking at the dashboard wants to see first when clients
+complain, without a query against the store.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("completions", "chat")
+NOT_OK = ("error", "rejected", "aborted")
+RECENT_ERRORS = 50
+MAX_ERROR_CHARS = 500               # an engine error can carry a traceback-sized message
 
 
 @dataclass(frozen=True)
@@ -124,16 +131,54 @@ class RequestTimer:
 Subscriber = Callable[[FinishedRequest], Any]
 
 
+class RecentErrors:
+    """The last `capacity` requests that did not end `ok` (error, rejected, aborted), newest last, and
+    how many of each since start. Fed on the event loop, read from worker threads: hence the lock."""
+
+    def __init__(self, capacity: int = RECENT_ERRORS) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self._items: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self._counts = dict.fromkeys(NOT_OK, 0)
+        self._lock = threading.Lock()
+
+    def __call__(self, request: FinishedRequest) -> None:
+        if request.status not in NOT_OK:
+            return
+        message = request.error
+        if message is not None and len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS - 1] + "…"
+        item = {"ts": request.finished_at, "request_id": request.request_id, "endpoint": request.endpoint,
+                "status": request.status, "finish_reason": request.finish_reason, "error": message,
+                "streamed": request.streamed, "prompt_tokens": request.prompt_tokens}
+        with self._lock:
+            self._items.append(item)
+            self._counts[request.status] += 1
+
+    def latest(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Newest first, at most `limit` (all kept when None)."""
+        with self._lock:
+            items = list(self._items)
+        items.reverse()
+        return items if limit is None else items[:limit]
+
+    def counts(self) -> dict[str, int]:
+        """How many requests ended with each non-ok status since start (not only the ones kept)."""
+        with self._lock:
+            return dict(self._counts)
+
+
 class RequestLog:
-    """Where finished requests go: the latency histograms (`ok` ones), the store's batched writer, and
-    any subscribers (the telemetry sampler's `FinishedBuffer`). Called on the event loop: nothing here
-    waits for the database (the store only queues the row). A failing consumer is logged and never
-    fails the request."""
+    """Where finished requests go: the latency histograms (`ok` ones), the recent errors (the others),
+    the store's batched writer, and any subscribers (the telemetry sampler's `FinishedBuffer`). Called
+    on the event loop: nothing here waits for the database (the store only queues the row). A failing
+    consumer is logged and never fails the request."""
 
     def __init__(self, *, store: Store | None = None, metrics: Metrics | None = None,
                  subscribers: Iterable[Subscriber] = ()) -> None:
         self.store, self.metrics = store, metrics
         self.subscribers: list[Subscriber] = list(subscribers)
+        self.recent_errors = RecentErrors()
         self.recorded = 0
         self.errors = 0
 
@@ -142,7 +187,7 @@ class RequestLog:
 
     def record(self, request: FinishedRequest) -> None:
         self.recorded += 1
-        consumers: list[Subscriber] = []
+        consumers: list[Subscriber] = [self.recent_errors]
         if self.metrics is not None and request.status == "ok":
             consumers.append(lambda r: self.metrics.observe_request(r.ttft_s, r.itl_s, r.e2e_s))
         if self.store is not None:

@@ -25,7 +25,7 @@ from optd.daemon.devices import DeviceProbe
 from optd.daemon.events import EventHub
 from optd.daemon.load import start_demo_load
 from optd.daemon.metrics import Metrics
-from optd.daemon.mqtt import MqttBridge
+from optd.daemon.mqtt import MqttBridge, http_url
 from optd.daemon.policy_job import ActivePolicy, PolicyJob, slo_for
 from optd.daemon.quality_probe import QualityProbe
 from optd.daemon.reload import Reloader
@@ -150,7 +150,7 @@ async def serve(config: DaemonConfig, state_dir: Path, demo: bool = False,
     tasks = [asyncio.create_task(flush), asyncio.create_task(expire), asyncio.create_task(prune)]
     if (interval := watchdog_interval()) is not None:
         tasks.append(asyncio.create_task(_every(interval, lambda: _watchdog(notifier, engine))))
-    ready = asyncio.create_task(_announce_ready(server, notifier, config))
+    ready = asyncio.create_task(_announce_ready(server, notifier, config, mqtt))
     try:
         await server.serve()
     finally:
@@ -166,10 +166,13 @@ async def serve(config: DaemonConfig, state_dir: Path, demo: bool = False,
     return 0
 
 
-async def _announce_ready(server: uvicorn.Server, notifier: Notifier, config: DaemonConfig) -> None:
+async def _announce_ready(server: uvicorn.Server, notifier: Notifier, config: DaemonConfig,
+                          mqtt: MqttBridge | None = None) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1] if server.servers else config.server.port
+    if mqtt is not None:            # the port may have been picked just now (--port 0)
+        mqtt.set_http_url(http_url(config.server.host, port))
     log.info("serving %s on %s:%d", config.engine.model, config.server.host, port)
     notifier.notify(READY, status(f"serving {config.engine.model} on {config.server.host}:{port}"))
 

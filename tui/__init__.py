@@ -5,4 +5,6 @@ optd.daemon. Modules: `token` (where the control token is), `client` (httpx + th
 `sse` (the event-stream parser), `source` (what the app reads from), `feed` (reconnect loop with
 backoff), `models` (the API's JSON), `state` (what the screen shows, kept up to date), `fmt` (numbers
 for people), `limits` (what a pin may ask of a knob), `widgets/`, `screens/`, `app`, `main`.
+`fleet/` is `optd top --mqtt`: every node on an MQTT broker in one view (it reads MQTT, and HTTP only to
+open one node's dashboard).
 """

@@ -135,7 +135,8 @@ class DashboardApp(App[None]):
     def action_pin(self) -> None:
         knob = self.knobs_table.selected
         bounds = self.state.policy.bounds if self.state.policy else {}
-        self.push_screen(PinScreen(self.source, knob, dict(self.state.knobs), bounds), self._pinned)
+        self.push_screen(PinScreen(self.source, knob, dict(self.state.knobs), bounds, self.state.ranges),
+                         self._pinned)
 
     def _pinned(self, answer: dict[str, Any] | None) -> None:
         if answer:

@@ -17,7 +17,16 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from optd.tui.models import Decision, DecisionList, PolicyInfo, ServerInfo, Status, parse_sample
+from optd.tui.models import (
+    Decision,
+    DecisionList,
+    KnobsInfo,
+    PolicyInfo,
+    RequestsInfo,
+    ServerInfo,
+    Status,
+    parse_sample,
+)
 from optd.tui.sse import SseParser
 
 READ_TIMEOUT_S = 10.0
@@ -122,6 +131,19 @@ class DaemonClient:
         """The running policy; None from a daemon without the endpoint (older than the policy engine)."""
         try:
             return await self._read("/v1/control/policy", PolicyInfo)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def knob_ranges(self) -> dict[str, dict[str, Any]]:
+        """Per knob, what this engine accepts (GET knobs' `ranges`); {} from a daemon that does not say."""
+        return (await self._read("/v1/control/knobs", KnobsInfo)).ranges
+
+    async def requests(self) -> RequestsInfo | None:
+        """The queue and the recent failed requests; None from a daemon without the endpoint."""
+        try:
+            return await self._read("/v1/control/requests", RequestsInfo)
         except ApiError as e:
             if e.status == 404:
                 return None

@@ -69,10 +69,11 @@ class Feed:
 
     async def snapshot(self) -> Snapshot:
         s = self.source
-        status, info, policy, samples, decisions = await asyncio.gather(
+        status, info, policy, samples, decisions, ranges, requests = await asyncio.gather(
             s.status(), s.info(), s.policy(), s.telemetry(max(WINDOWS_S)),
-            s.decisions(DECISIONS_LIMIT, self.state.knob_filter, self.state.outcome_filter))
-        return Snapshot(status, info, policy, samples, decisions)
+            s.decisions(DECISIONS_LIMIT, self.state.knob_filter, self.state.outcome_filter),
+            s.knob_ranges(), s.requests())
+        return Snapshot(status, info, policy, samples, decisions, ranges, requests)
 
     async def refresh(self) -> None:
         """Read the status again (pins, pause, engine, policy name); the policy too if it changed.
@@ -85,6 +86,8 @@ class Feed:
             self.state.set_status(status)
             if before is None or (before.policy, before.mode) != (status.policy, status.mode):
                 self.state.policy = await self.source.policy()
+            # failed requests publish no event: read them on every refresh (every poll_s)
+            self.state.requests = await self.source.requests()
             self.changed()
 
     def refresh_soon(self) -> None:

@@ -163,6 +163,33 @@ def _guardrail_thresholds(guardrails: list[Any]) -> dict[str, float]:
     return found
 
 
+class RequestError(_Lenient):
+    """One request that did not end ok (GET /v1/control/requests' `recent_errors`)."""
+
+    ts: float
+    endpoint: str | None = None
+    status: str                          # "error" | "rejected" | "aborted"
+    error: str | None = None
+    request_id: str | None = None
+
+
+class RequestsInfo(_Lenient):
+    """GET /v1/control/requests: the queue and the latest requests that failed, newest first."""
+
+    running: int | None = None
+    waiting: int | None = None
+    recent_errors: list[RequestError] = []
+    error_counts: dict[str, int] = {}
+
+
+class KnobsInfo(_Lenient):
+    """GET /v1/control/knobs; `ranges` per knob ({"min", "max", "integer", "supported", "reason"}) is what
+    this engine accepts (optd.tui.limits reads it); absent from daemons older than it."""
+
+    knobs: dict[str, Number] = {}
+    ranges: dict[str, dict[str, Any]] = {}
+
+
 class ServerInfo(_Lenient):
     """What the header shows about the daemon: from /v1/models and optd_build_info in /metrics."""
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from optd.tui.models import Decision, PolicyInfo, ServerInfo, Status, parse_sample
+from optd.tui.models import Decision, PolicyInfo, RequestsInfo, ServerInfo, Status, parse_sample
 
 Connection = Literal["connecting", "live", "disconnected"]
 WINDOWS_S = (60.0, 300.0, 900.0)            # the chart windows `w` cycles through
@@ -27,6 +27,8 @@ class Snapshot:
     policy: PolicyInfo | None
     samples: list[dict[str, float | None]]
     decisions: list[Decision]
+    ranges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: RequestsInfo | None = None
 
 
 @dataclass
@@ -45,6 +47,8 @@ class DashboardState:
     knob_filter: str | None = None
     outcome_filter: str | None = None
     events_dropped: int = 0
+    ranges: dict[str, dict[str, Any]] = field(default_factory=dict)     # what the engine accepts, per knob
+    requests: RequestsInfo | None = None         # the queue and the recent failed requests
 
     # -- connection --
 
@@ -56,6 +60,7 @@ class DashboardState:
         for sample in sorted(snap.samples, key=lambda s: s["ts"] or 0):
             self._add_sample(sample)
         self.decisions = _newest_first(snap.decisions)
+        self.ranges, self.requests = snap.ranges, snap.requests
 
     def disconnected(self, problem: str, retry_at: float | None) -> None:
         self.connection, self.problem, self.retry_at = "disconnected", problem, retry_at

@@ -6,6 +6,9 @@ and coming back. The last test restarts the shared daemon, so it stays last in t
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 
 from textual.widgets import Input
@@ -89,13 +92,22 @@ def test_out_of_range_values_are_refused_in_the_modal(live):
         await pilot.press("e")
         await until(pilot, lambda: isinstance(app.screen, PinScreen), "the pin modal")
         modal = app.screen
+        ranges = (await asyncio.to_thread(live.get, "/v1/control/knobs"))["ranges"]
+        assert ranges["spec_length"] == {"min": 0, "max": 8, "integer": True, "supported": True}
         await pilot.press("4", "0", "enter")          # outside spec_length's natural range 0..32
         await pilot.pause(0.2)
-        assert "spec_length must be a whole number in 0..32, got 40" in modal.error
+        assert "spec_length must be a whole number in 0..8, got 40" in modal.error
         assert not modal.has_class("confirming")
-        # 9 is within the natural range but not this engine's envelope (max_spec_length 8): the daemon
-        # refuses it, and the modal shows its words and stays open
+        # 9 is within the natural range but not this engine's envelope (max_spec_length 8): the daemon's
+        # ranges (GET knobs) let the modal refuse it before sending
         await pilot.press("backspace", "backspace", "9", "enter")
+        await pilot.pause(0.2)
+        assert "spec_length must be a whole number in 0..8, got 9" in modal.error
+        assert not modal.has_class("confirming")
+        # a daemon that reports no ranges (older than them): the daemon refuses 9, and the modal shows its
+        # words and stays open
+        modal.ranges = {}
+        await pilot.press("enter")
         await until(pilot, lambda: modal.has_class("confirming"), "the confirmation")
         await pilot.press("enter")
         await until(pilot, lambda: "the daemon refused" in modal.error, "the daemon's refusal")
@@ -112,7 +124,8 @@ def test_out_of_range_values_are_refused_in_the_modal(live):
         assert "max_batch_size:" in app.export_text()
         await pilot.press("0", "enter", "tab", *"-5", "enter")
         await pilot.pause(0.2)
-        assert "max_batch_size must be a whole number ≥ 1, got 0" in modal.error
+        most = ranges["max_batch_size"]["max"]
+        assert f"max_batch_size must be a whole number in 1..{most}, got 0" in modal.error
         await pilot.press("shift+tab", "backspace", "3", "enter")      # a good value, a bad TTL
         await pilot.pause(0.2)
         assert modal.error.startswith("ttl:") and not modal.has_class("confirming")
@@ -165,6 +178,31 @@ def test_policy_switch_and_an_invalid_policy(live, tmp_path):
         await pilot.press("home", "enter")            # presets are sorted: balanced is first
         await until(pilot, lambda: not isinstance(app.screen, PolicyScreen), "the switch back")
         assert (await asyncio.to_thread(live.get, "/v1/control/policy"))["name"] == "balanced"
+    drive(live, body)
+
+
+def too_long_prompt(live: LiveDaemon) -> tuple[int, str]:
+    """A completion whose prompt is longer than any max_model_len: the daemon rejects it (400)."""
+    body = json.dumps({"model": "demo", "prompt": [1] * 5000, "max_tokens": 1}).encode()
+    request = urllib.request.Request(live.base + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["message"]
+    raise AssertionError("a 5000-token prompt was accepted")
+
+
+def test_a_rejected_request_shows_in_the_requests_panel(live):
+    async def body(app: DashboardApp, pilot) -> None:
+        code, message = await asyncio.to_thread(too_long_prompt, live)
+        assert code == 400 and message.startswith("prompt has 5000 tokens")
+        latest = (await asyncio.to_thread(live.get, "/v1/control/requests"))["recent_errors"][0]
+        assert (latest["status"], latest["endpoint"], latest["error"]) == ("rejected", "completions", message)
+        # the panel reads GET requests on its poll: the rejection appears with its reason
+        await until(pilot, lambda: "rejected completions: prompt has 5000 tokens" in app.export_text(),
+                    "the rejection in the requests panel")
+        assert "failed rejected" in app.export_text()
     drive(live, body)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from optd.daemon.cli import main
-from optd.tui.limits import parse_ttl, parse_value
+from optd.tui.limits import knob_range, parse_ttl, parse_value
 from optd.tui.models import Decision, PolicyInfo
 from optd.tui.screens.filter import parse_filter
 from optd.tui.sse import SseEvent, SseParser
@@ -62,6 +62,26 @@ def test_pin_values_refused_with_the_reason(knob, text, message):
     with pytest.raises(ValueError, match=message) as err:
         parse_value(knob, text, reported)
     assert str(err.value).startswith("value: ")
+
+
+def test_pin_values_against_the_ranges_the_daemon_reports():
+    # GET /v1/control/knobs' `ranges` as optd.daemon.control_api writes them (test_request_errors.py
+    # checks the daemon's side): the engine's envelope narrows the natural range
+    ranges = {"spec_length": {"min": 0, "max": 0, "integer": True, "supported": False,
+                              "reason": "spec_length needs a drafter: start the engine with draft_model set"},
+              "max_batch_size": {"min": 1, "max": 8, "integer": True, "supported": True},
+              "kv_compression": {"min": 0.0, "max": 0.0, "integer": False, "supported": False,
+                                 "reason": "kv_compression is not supported by this engine yet"}}
+    assert parse_value("max_batch_size", "8", ranges["max_batch_size"]) == 8
+    assert knob_range("max_batch_size", ranges["max_batch_size"]).describe() == "whole number in 1..8"
+    with pytest.raises(ValueError, match=r"must be a whole number in 1\.\.8, got 9"):
+        parse_value("max_batch_size", "9", ranges["max_batch_size"])
+    for knob in ("spec_length", "kv_compression"):  # refused whatever the value, saying why
+        with pytest.raises(ValueError, match=f"value: {knob} is not adjustable on this engine") as err:
+            parse_value(knob, "0", ranges[knob])
+        assert ranges[knob]["reason"] in str(err.value)
+    # a malformed entry is ignored (the daemon checks again): the natural range applies
+    assert knob_range("max_batch_size", {"min": "x"}).describe() == "whole number ≥ 1"
 
 
 def test_pin_ttl():

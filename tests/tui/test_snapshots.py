@@ -25,7 +25,15 @@ from textual.widgets import Input
 
 from optd.tui.app import DashboardApp
 from optd.tui.client import ApiError
-from optd.tui.models import Decision, DecisionList, PolicyInfo, ServerInfo, Status, parse_sample
+from optd.tui.models import (
+    Decision,
+    DecisionList,
+    PolicyInfo,
+    RequestsInfo,
+    ServerInfo,
+    Status,
+    parse_sample,
+)
 from optd.tui.screens.pin import PinScreen
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "recorded.json").read_text())
@@ -50,6 +58,13 @@ class RecordedSource:
 
     async def telemetry(self, seconds: float) -> list[dict[str, float | None]]:
         return [parse_sample(s) for s in self.recorded["telemetry"]["samples"]]
+
+    async def knob_ranges(self) -> dict[str, dict[str, Any]]:
+        return self.recorded.get("knobs", {}).get("ranges", {})     # recorded before the API had them
+
+    async def requests(self) -> RequestsInfo | None:
+        recorded = self.recorded.get("requests")
+        return None if recorded is None else RequestsInfo.model_validate(recorded)
 
     async def decisions(self, limit: int = 200, knob: str | None = None,
                         outcome: str | None = None) -> list[Decision]:

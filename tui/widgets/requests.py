@@ -1,5 +1,6 @@
 """Requests: running, waiting, throughput of requests, preemptions, end-to-end p95, and the control
-events the dashboard could not keep up with."""
+events the dashboard could not keep up with; below, the latest requests that failed (errors, rejections,
+aborts: GET /v1/control/requests), while they are recent."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ from textual.widgets import Static
 from optd.tui import fmt
 from optd.tui.state import DashboardState
 
+RECENT_ERROR_S = 600.0          # a failed request is news for this long; the counts stay
+MAX_ERROR_LINES = 3
+
 
 class RequestsPanel(Static):
     DEFAULT_CSS = """
-    RequestsPanel { height: 1; padding: 0 1; }
+    RequestsPanel { height: auto; max-height: 4; padding: 0 1; }
     """
 
     def show(self, state: DashboardState, now: float) -> None:
         engine = state.status.engine if state.status else None
         running = state.latest("requests_running")
         waiting = state.latest("requests_waiting")
+        if running is None and state.requests is not None:
+            running, waiting = state.requests.running, state.requests.waiting
         if running is None and engine is not None:
             running, waiting = engine.running, engine.waiting
         t = Text(no_wrap=True, overflow="ellipsis")
@@ -33,4 +39,15 @@ class RequestsPanel(Static):
             t.append("  ENGINE STOPPED", style="bold white on red")
         if state.events_dropped:
             t.append(f"  ({state.events_dropped} events dropped)", style="dim")
+        counts = state.requests.error_counts if state.requests else {}
+        if failed := {k: n for k, n in counts.items() if n}:
+            t.append("  failed " + " ".join(f"{k} {n}" for k, n in failed.items()), style="bold red")
+        recent = [e for e in (state.requests.recent_errors if state.requests else [])
+                  if now - e.ts <= RECENT_ERROR_S][:MAX_ERROR_LINES]
+        for e in recent:
+            line = Text(no_wrap=True, overflow="ellipsis")
+            line.append(f"\n✕ {fmt.clock(e.ts)} ", style="red")
+            line.append(f"{e.status} ", style="bold red")
+            line.append(f"{e.endpoint or '?'}: {e.error or fmt.DASH}")
+            t.append_text(line)
         self.update(t)
