@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def decode_rate(outputs) -> float:
     return sum(len(o.token_ids) - 1 for o in outputs) / (end - last_first_token)
 
 
-def optd_runs(folder: Path, args) -> tuple[list[dict], int, int]:
+def optd_runs(folder: Path, args) -> tuple[list[dict], int]:
+    """Decode rates at each weight_bits and batch; each switch is timed with a request streaming."""
     batches = [int(b) for b in args.batches.split(",")]
     config = EngineConfig(model=str(folder), max_model_len=args.context + args.new_tokens + 16,
                           max_num_seqs=max(batches), max_num_batched_tokens=8192)
@@ -103,14 +105,25 @@ def optd_runs(folder: Path, args) -> tuple[list[dict], int, int]:
     with Engine(config) as engine:
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
         g = torch.Generator().manual_seed(0)
-        for b in batches:
-            prompts = torch.randint(1, LLAMA3_8B["vocab_size"], (b, args.context), generator=g).tolist()
-            engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
-            rate = decode_rate(engine.generate(prompts, params))
-            rows.append({"batch": b, "tokens_per_s": rate})
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
-                           if n != "embed.weight" or engine.model.lm_head is None)
-        return rows, weight_bytes, engine.pool.layout.bytes_per_token
+        for bits in (int(b) for b in args.bits.split(",")):
+            switch_s = None
+            if bits != engine.knobs.weight_bits:
+                stream = threading.Thread(target=engine.generate, args=(
+                    [list(range(1, 65))], SamplingParams(max_tokens=2000, ignore_eos=True)))
+                stream.start()
+                outcome = engine.apply(weight_bits=bits)["weight_bits"]
+                assert outcome.status == "applied", outcome
+                switch_s = outcome.cost_s
+                stream.join()
+            for b in batches:
+                prompts = torch.randint(1, LLAMA3_8B["vocab_size"], (b, args.context), generator=g).tolist()
+                engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+                rate = decode_rate(engine.generate(prompts, params))
+                # Bytes a step reads: the linear weights as stored now (embedding rows are a gather).
+                rows.append({"bits": bits, "batch": b, "tokens_per_s": rate, "switch_s": switch_s,
+                             "weight_bytes": engine.weight_bytes})
+                switch_s = None
+        return rows, engine.pool.layout.bytes_per_token
 
 
 def _timed_generate(model, ids: torch.Tensor, n: int, kwargs: dict) -> float:
@@ -169,6 +182,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--bits", default="16", help="weight_bits values to measure, in order (e.g. 16,8,4)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     args = p.parse_args()
@@ -183,16 +197,21 @@ def main() -> None:
         t = time.perf_counter()
         write_checkpoint(folder, config, seed=0)
         print(f"checkpoint written in {time.perf_counter() - t:.0f} s")
-        rows, weight_bytes, kv_per_token = optd_runs(folder, args)
+        rows, kv_per_token = optd_runs(folder, args)
         torch.cuda.empty_cache()
         ctx = args.context + args.new_tokens / 2  # mean context over the decode
-        print(f"\nweights read per step: {weight_bytes / 1e9:.2f} GB; KV per context token: {kv_per_token} B")
-        print(f"{'engine':<24}{'batch':>6}{'tokens/s':>12}{'GB/s read':>12}{'of copy bw':>12}")
+        print(f"\nKV per context token: {kv_per_token} B; a step reads the linear weights as stored + KV")
+        print(f"{'engine':<24}{'bits':>5}{'batch':>6}{'tokens/s':>12}{'GB read':>9}{'GB/s read':>11}"
+              f"{'of copy bw':>12}{'vs 16-bit':>10}{'switch s':>10}")
+        base = {r["batch"]: r["tokens_per_s"] for r in rows if r["bits"] == 16}
         for r in rows:
-            step_bytes = weight_bytes + r["batch"] * ctx * kv_per_token
+            step_bytes = r["weight_bytes"] + r["batch"] * ctx * kv_per_token
             achieved = step_bytes * r["tokens_per_s"] / r["batch"]
-            print(f"{'optd':<24}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{achieved / 1e9:>12.0f}"
-                  f"{achieved / bandwidth:>12.2f}")
+            speedup = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+            switch = f"{r['switch_s']:.1f}" if r["switch_s"] is not None else "-"
+            print(f"{'optd':<24}{r['bits']:>5}{r['batch']:>6}{r['tokens_per_s']:>12.1f}"
+                  f"{r['weight_bytes'] / 1e9:>9.2f}{achieved / 1e9:>11.0f}{achieved / bandwidth:>12.2f}"
+                  f"{speedup:>10.2f}{switch:>10}")
         if args.no_hf:
             return
         g = torch.Generator().manual_seed(1)

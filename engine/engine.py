@@ -19,6 +19,7 @@ import torch
 from optd.engine.config import EngineConfig, EngineError, SamplingParams
 from optd.engine.knobs import ApplyResult, KnobOutcome, Knobs, check_knob
 from optd.engine.kv_cache import BlockAllocator, KVLayout, KVPool
+from optd.engine.linear import Linear
 from optd.engine.loader import load_model, resolve_model_path
 from optd.engine.model_config import ModelConfig
 from optd.engine.outputs import Delta, EngineStats, RequestOutput
@@ -30,6 +31,14 @@ from optd.engine.sequence import Sequence
 from optd.engine.speculator import Speculator, make_drafter
 from optd.engine.streaming import OutputStream, Sink
 from optd.engine.tokenizer import Detokenizer, Tokenizer
+from optd.engine.weight_bits import (
+    Sensitivity,
+    WeightSwitch,
+    assign_bits,
+    average_bits,
+    current_bits,
+    set_layer_bits,
+)
 
 log = logging.getLogger("optd.engine")
 Prompt = str | list[int]
@@ -72,10 +81,6 @@ class Engine:
         if not config.max_num_seqs >= 1:
             raise EngineError(f"max_num_seqs must be >= 1, got {config.max_num_seqs}")
         self.model = load_model(folder, cfg, self.device, self.dtype, self.max_model_len)
-        self.weight_bytes = sum(
-            p.numel() * p.element_size() for n, p in self.model.named_parameters() if p.dim() == 2
-            and not n.startswith("embed")
-        )
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.dtype)
         num_blocks = self._num_kv_blocks(layout)
         allocator = BlockAllocator(num_blocks, config.block_size)
@@ -98,7 +103,6 @@ class Engine:
         self._wake = threading.Event()
         self._stopped = False
         self._counters = EngineStats(kv_blocks_total=num_blocks, kv_bytes_per_token=layout.bytes_per_token,
-                                     weight_bytes=self.weight_bytes,
                                      spec_accepted_per_pos=[0] * config.max_spec_length)
         self._step_time: dict[int, float] = {}  # decode step seconds by spec_length, smoothed
         self._stream = OutputStream(self.tokenizer, self.max_model_len, self._counters)
@@ -106,6 +110,8 @@ class Engine:
                                                        self._counters, config.max_spec_length,
                                                        config.cuda_graphs)
         self._model_folder = folder
+        self._switch: WeightSwitch | None = None  # a weight_bits change in progress
+        self._sensitivity: Sensitivity | None = None
         cache = config.quality_cache_dir
         self._references = ReferenceStore(Path(cache) if cache else None)
         self._thread = threading.Thread(target=self._loop, name="optd-engine", daemon=True)
@@ -131,12 +137,22 @@ class Engine:
 
     # ---- the step loop (engine thread) ----
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the linear layers' weights occupy now (lm_head included, embedding not)."""
+        head = self.model.lm_head
+        return sum(m.nbytes for m in self.model.modules() if isinstance(m, Linear)) + (
+            0 if head is None else head.weight.numel() * head.weight.element_size())
+
     def _loop(self) -> None:
         while not self._stopped:
             self._wake.clear()
             self._run_commands()
+            if self._switch is not None and self._switch.step():  # one layer between two steps
+                self._switch = None
             if not self.scheduler.has_work():
-                self._wake.wait()
+                if self._switch is None:
+                    self._wake.wait()
                 continue
             try:
                 self._step()
@@ -226,6 +242,26 @@ class Engine:
                                   "uncompressed to make one")
             self._references.put(key, reference := current)
         return timed_report(reference, current, started)
+
+    def _layer_sensitivity(self) -> Sensitivity | None:
+        """The probe's KL with each layer alone at 4 and at 8 bits (engine thread; blocks serving for
+        2 probes per layer, once per model: the result is cached beside the probe references)."""
+        key = "sensitivity-" + probe_key(self._model_folder, self.dtype, [])
+        if (cached := self._references.get_json(key)) is not None:
+            return {int(layer): {int(b): kl for b, kl in by_bits.items()}
+                    for layer, by_bits in cached.items()}
+        if current_bits(self.model) != [16] * len(self.model.layers):
+            return None  # measured against the 16-bit model only; fall back to treating layers alike
+        self._probe()  # makes sure the reference exists before any layer changes
+        out: Sensitivity = {}
+        for layer in range(len(self.model.layers)):
+            out[layer] = {}
+            for bits in (4, 8):
+                set_layer_bits(self.model, self._model_folder, self.model_config, layer, bits)
+                out[layer][bits] = self._probe().kl
+            set_layer_bits(self.model, self._model_folder, self.model_config, layer, 16)
+        self._references.put_json(key, out)
+        return out
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq)
@@ -353,8 +389,55 @@ class Engine:
         return self._knobs
 
     def apply(self, **changes) -> ApplyResult:
-        """Change knobs at the next step boundary; each is applied or rejected with a reason."""
-        return self._call(lambda: self._apply(changes))
+        """Change knobs at the next step boundary; each is applied or rejected with a reason.
+        weight_bits is reported once its last layer is requantized (requests keep flowing meanwhile)."""
+        bits = changes.pop("weight_bits", None) if "weight_bits" in changes else None
+        result = self._call(lambda: self._apply(changes)) if changes else ApplyResult()
+        if bits is not None:
+            result.outcomes["weight_bits"] = self._apply_weight_bits(bits)
+        return result
+
+    def _apply_weight_bits(self, value) -> KnobOutcome:
+        start, current = time.perf_counter(), self._knobs.weight_bits
+        reason = check_knob("weight_bits", value, max_num_seqs=self.config.max_num_seqs,
+                            max_spec_length=self.config.max_spec_length, has_drafter=self.drafter is not None)
+        if reason:
+            return KnobOutcome("weight_bits", "rejected", current, value, reason)
+        done: Future = Future()
+        started = self._call(lambda: self._start_switch(float(value), done.set_result))
+        if started is not None:
+            return KnobOutcome("weight_bits", "rejected", current, value, started)
+        if threading.current_thread() is self._thread:  # no loop to do it for us: do it all now
+            while not self._switch.step():
+                pass
+            self._switch = None
+        failure = done.result()
+        cost = time.perf_counter() - start
+        if failure:
+            return KnobOutcome("weight_bits", "rolled_back", current, value, failure, cost)
+        return KnobOutcome("weight_bits", "applied", self._knobs.weight_bits, value, cost_s=cost)
+
+    def _start_switch(self, target: float, report: Callable[[str | None], None]) -> str | None:
+        """Begin requantizing (engine thread); returns why not, or None."""
+        if self._switch is not None:
+            return "a weight_bits change is still in progress"
+        if target not in (4, 8, 16) and self._sensitivity is None:
+            self._sensitivity = self._layer_sensitivity()
+        bits = assign_bits(target, len(self.model.layers), self._sensitivity)
+
+        def finish(failure: str | None) -> None:
+            if failure is None:
+                self._knobs = Knobs(**{**self._knobs.__dict__, "weight_bits": average_bits(bits)})
+            self.runner.recapture()  # graphs hold the old weights' addresses
+            if self._speculator and self._speculator.fused:
+                self._speculator.fused.recapture()
+            report(failure)
+
+        self.runner.drop_graphs()  # eager until the last layer is swapped
+        if self._speculator and self._speculator.fused:
+            self._speculator.fused.drop_graphs()
+        self._switch = WeightSwitch(self.model, self._model_folder, self.model_config, bits, finish)
+        return None
 
     def _apply(self, changes: dict) -> ApplyResult:
         result = ApplyResult()
@@ -388,6 +471,7 @@ class Engine:
             "kv_blocks_used": s.allocator.num_used,
             "spec_accepted_per_pos": list(self._counters.spec_accepted_per_pos),
             "step_time_s": dict(self._step_time),
+            "weight_bytes": self.weight_bytes,
             **{k: list(v) for k, v in self._stream.latency.items()},
         })
 

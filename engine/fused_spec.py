@@ -33,7 +33,15 @@ class FusedGreedySpec:
         self.scratch_slot = target.pool.scratch_block * target.block_size
         self.buckets = target.buckets
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        if use_graphs and target.device.type == "cuda":
+        self.use_graphs = use_graphs and target.device.type == "cuda"
+        self.recapture()
+
+    def drop_graphs(self) -> None:
+        self.graphs.clear()
+
+    def recapture(self) -> None:
+        if self.use_graphs:
+            self.graphs.clear()
             self._capture()
 
     def fits(self, seqs: list[Sequence], ks: list[int]) -> bool:

@@ -41,6 +41,10 @@ def check_knob(name: str, value, *, max_num_seqs: int, max_spec_length: int, has
     """Why `value` cannot be applied to knob `name` by this engine, or None if it can."""
     if name not in Knobs.names():
         return f"unknown knob {name!r} (knobs: {', '.join(Knobs.names())})"
+    if name == "weight_bits":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 4 <= value <= 16:
+            return f"weight_bits must be a number in 4..16 (average bits per weight), got {value!r}"
+        return None
     if name not in ("max_batch_size", "spec_length"):
         return f"{name} is not supported by this engine yet"
     if not isinstance(value, int) or isinstance(value, bool):

@@ -112,3 +112,27 @@ def load_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torc
         raise EngineError(f"{folder}: checkpoint lacks tensors for {', '.join(names[:5])}")
     model.init_rope()
     return model.eval()
+
+
+def load_layer_weights(folder: Path, cfg: ModelConfig, layer: int, device: torch.device,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The 16-bit weights of one decoder layer's linear layers, fresh from the memory-mapped checkpoint:
+    {our parameter name: [out, in] tensor}, fused where the model fuses them. What the weight_bits
+    knob quantizes from, a layer at a time, so no second 16-bit copy of the model is ever held."""
+    prefix = f"model.layers.{layer}."
+    sizes = {"qkv": (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, "o": cfg.hidden_size,
+             "gate_up": 2 * cfg.intermediate_size, "down": cfg.hidden_size}
+    inputs = {"qkv": cfg.hidden_size, "o": cfg.num_heads * cfg.head_dim, "gate_up": cfg.hidden_size,
+              "down": cfg.intermediate_size}
+    out: dict[str, torch.Tensor] = {}
+    for shard in _shards(folder):
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if not (key.startswith(prefix) and key.endswith(".weight") and "_proj." in key):
+                    continue
+                name, index = _target(cfg, key)
+                kind = name.split(".")[-2]
+                if name not in out:
+                    out[name] = torch.empty(sizes[kind], inputs[kind], dtype=dtype, device=device)
+                _slot(name, out[name], cfg, index).copy_(f.get_tensor(key).to(device=device, dtype=dtype))
+    return out

@@ -62,7 +62,8 @@ def compare(reference: Tensor, current: Tensor) -> tuple[float, float]:
 
 
 class ReferenceStore:
-    """Reference log-probabilities by key, in memory and (when given a folder) on disk."""
+    """Reference log-probabilities (and small JSON results such as per-layer sensitivity) by key, in
+    memory and (when given a folder) on disk."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder
@@ -84,6 +85,21 @@ class ReferenceStore:
             tmp = self.folder / f"{key}.pt.tmp"
             torch.save(logprobs, tmp)
             tmp.replace(self.folder / f"{key}.pt")  # atomic: a crash never leaves half a reference
+
+
+    def get_json(self, key: str):
+        path = self.folder / f"{key}.json" if self.folder else None
+        if key in self._memory:
+            return self._memory[key]
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+    def put_json(self, key: str, value) -> None:
+        self._memory[key] = value
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f"{key}.json.tmp"
+            tmp.write_text(json.dumps(value))
+            tmp.replace(self.folder / f"{key}.json")
 
 
 def timed_report(reference: Tensor, current: Tensor, started: float) -> QualityReport:

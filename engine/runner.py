@@ -34,8 +34,18 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // self.block_size)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.buckets = batch_buckets(max_num_seqs)
-        if use_cuda_graphs and self.device.type == "cuda":
-            self._capture(widths)
+        self.widths = widths
+        self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.recapture()
+
+    def drop_graphs(self) -> None:
+        """Run eagerly from now on (the graphs would replay on weights that are being replaced)."""
+        self.graphs.clear()
+
+    def recapture(self) -> None:
+        if self.use_graphs:
+            self.graphs.clear()
+            self._capture(self.widths)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> Tensor:  # prefill
         pos = torch.arange(start, end)

@@ -1,0 +1,165 @@
+"""Quantized linear layers at decode on a GPU: the fused dequantizing kernels against copy bandwidth.
+
+    python bench/quant_linear.py            # Llama-3-8B linear shapes at M = 1 and 16
+    python bench/quant_linear.py --sweep    # also time other tile configs per case and print the best
+
+For each Llama-3-8B linear (4096x4096 o_proj, 6144x4096 fused qkv, 28672x4096 fused gate_up, 4096x14336
+down) and each row count: bf16 F.linear, int8 and int4 (group 128) through optd.kernels.quant_linear.
+Each time is per call, from a CUDA graph replaying many calls that cycle over enough copies of the weight
+to overflow L2 (each decode step reads every layer's weight once, from DRAM). Bytes = weight (packed
+codes + scales + zeros) + x + output; GB/s over those bytes is compared with the device-to-device copy
+bandwidth (bench/decode.py's copy_bandwidth, read + write). Before timing, each kernel's output is
+checked against quant_linear_ref on the same inputs. The table comes last.
+"""
+
+import argparse
+import itertools
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+from decode import copy_bandwidth
+
+from optd.kernels.quant_linear import (
+    KernelConfig,
+    default_config,
+    packed_bytes,
+    quant_linear_ref,
+    quant_linear_triton,
+    quantize_int4,
+    quantize_int8,
+)
+
+SHAPES = {  # name: (out_features N, in_features K)
+    "o_proj 4096x4096": (4096, 4096),
+    "qkv 6144x4096": (6144, 4096),
+    "gate_up 28672x4096": (28672, 4096),
+    "down 4096x14336": (4096, 14336),
+}
+CALLS_PER_GRAPH = 64
+
+
+def time_calls(fn, weights: list, x: torch.Tensor, reps: int = 10) -> float:
+    """Seconds per call of fn(x, w), cycling over `weights`, from CUDA graph replays (no launch gaps
+    from Python; the engine's decode steps are graphs too)."""
+    for w in weights[:2]:  # compile / warm up outside the capture
+        fn(x, w)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for i in range(CALLS_PER_GRAPH):
+            fn(x, weights[i % len(weights)])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / CALLS_PER_GRAPH)
+    del graph
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    """Copies of a weight that together overflow L2 four times over (at least 2)."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, math.ceil(4 * l2 / nbytes))
+
+
+def clone_q(qw):
+    """A copy with its own storage (same values: speed does not depend on them)."""
+    return type(qw)(**{f: (v.clone() if isinstance(v, torch.Tensor) else v) for f, v in vars(qw).items()})
+
+
+def check(qw, x: torch.Tensor, config: KernelConfig | None = None) -> float:
+    """Largest |kernel - reference|, relative to the reference's largest |value|."""
+    got, want = quant_linear_triton(x, qw, config).float(), quant_linear_ref(x, qw).float()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def sweep_configs(m: int, int4: bool) -> list[KernelConfig]:
+    if m == 1:
+        grid = itertools.product([8, 16, 32, 64], [128, 256, 512], [4, 8], [1, 2, 4, 8])
+        return [KernelConfig(1, bn, bk, split, warps, 1) for bn, bk, warps, split in grid if bn * bk <= 16384]
+    grid = itertools.product([16, 32, 64], [64, 128], [4], [2, 4], [1, 2, 4, 8])
+    return [KernelConfig(16, bn, bk, split, warps, stages) for bn, bk, warps, stages, split in grid]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1,16", help="row counts M (decode batch sizes)")
+    p.add_argument("--sweep", action="store_true", help="time other tile configs too; print the best")
+    args = p.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    dtype = torch.bfloat16
+
+    bandwidth = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"copy bandwidth (read+write): {bandwidth / 1e9:.0f} GB/s")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    table = []
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, generator=g, device="cuda", dtype=dtype) * 0.02
+        variants = {"bf16": (w, n * k * 2), "int8": (quantize_int8(w), 0), "int4": (quantize_int4(w), 0)}
+        for m in rows:
+            x = torch.randn(m, k, generator=g, device="cuda", dtype=dtype)
+            io_bytes = (m * k + m * n) * 2
+            base = None
+            for fmt, (weight, wbytes) in variants.items():
+                if fmt == "bf16":
+                    copies = [weight] + [weight.clone() for _ in range(copies_for(wbytes) - 1)]
+                    secs = time_calls(F.linear, copies, x)
+                    err, cfg = 0.0, "cuBLAS"
+                else:
+                    wbytes = packed_bytes(weight)
+                    copies = [weight] + [clone_q(weight) for _ in range(copies_for(wbytes) - 1)]
+                    err = check(weight, x)
+                    secs = time_calls(quant_linear_triton, copies, x)
+                    cfg = default_config(m, n, k, weight, x.device)
+                    if args.sweep:
+                        secs, cfg = sweep(copies, x, m, fmt == "int4", secs, cfg, name)
+                    cfg = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}"
+                del copies
+                torch.cuda.empty_cache()
+                base = base or secs
+                rate = (wbytes + io_bytes) / secs
+                table.append((name, m, fmt, secs * 1e6, rate / 1e9, rate / bandwidth, base / secs, err, cfg))
+                print(f"  {name} M={m} {fmt}: {secs * 1e6:.1f} us, {rate / 1e9:.0f} GB/s", flush=True)
+
+    print(f"\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s; 'vs bf16' = F.linear time / this time; "
+          "'max rel err' = max |kernel - quant_linear_ref| / max |ref|")
+    print(f"{'linear':<20}{'M':>4}{'format':>8}{'us':>9}{'GB/s':>8}{'of copy':>9}{'vs bf16':>9}"
+          f"{'max rel err':>13}  config")
+    for name, m, fmt, us, gbs, frac, speedup, err, cfg in table:
+        print(f"{name:<20}{m:>4}{fmt:>8}{us:>9.1f}{gbs:>8.0f}{frac:>9.2f}{speedup:>9.2f}{err:>13.1e}  {cfg}")
+
+
+def sweep(copies: list, x: torch.Tensor, m: int, int4: bool, secs: float, cfg: KernelConfig, name: str):
+    """The fastest of the default and the sweep's configs (each checked against the reference first)."""
+    best = (secs, cfg)
+    for c in sweep_configs(m, int4):
+        try:
+            if check(copies[0], x, c) > 2e-2:
+                print(f"    {c}: WRONG RESULT", flush=True)
+                continue
+            t = time_calls(lambda x_, w_, c=c: quant_linear_triton(x_, w_, c), copies, x, reps=5)
+        except Exception as e:  # e.g. out of shared memory at this tile size: report and go on
+            print(f"    {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        if t < best[0]:
+            best = (t, c)
+    fmt = "int4" if int4 else "int8"
+    print(f"    {name} M={m} {fmt}: default {secs * 1e6:.1f} us, best {best[0] * 1e6:.1f} us with {best[1]}",
+          flush=True)
+    return best
+
+
+if __name__ == "__main__":
+    main()

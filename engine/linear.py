@@ -1,0 +1,55 @@
+"""A linear layer whose weight can be 16-bit or quantized (int8 per channel, int4 group-wise), and be
+switched between them while the engine serves (the weight_bits knob, optd.engine.weight_bits)."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optd.kernels.quant_linear import quant_linear
+from optd.kernels.quantize import Int4Weight, Int8Weight, packed_bytes, quantize_int4, quantize_int8
+
+BITS = (4, 8, 16)
+
+
+class Linear(nn.Module):
+    """Like nn.Linear (the loader fills `weight` and `bias`), plus `quantize(bits, w16)`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.quant: Int8Weight | Int4Weight | None = None
+
+    @property
+    def bits(self) -> int:
+        if self.quant is None:
+            return 16
+        return 8 if isinstance(self.quant, Int8Weight) else 4
+
+    @property
+    def nbytes(self) -> int:
+        if self.quant is None:
+            return self.weight.numel() * self.weight.element_size()
+        return packed_bytes(self.quant)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        out = quant_linear(x.reshape(-1, self.in_features), self.quant).view(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
+
+    def set_bits(self, bits: int, w16: Tensor) -> None:
+        """Hold `w16` (the 16-bit master weight, [out, in]) at `bits`; the previous storage is dropped
+        (16 bits keeps w16 itself, so pass a tensor the layer may own)."""
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        if bits == 16:
+            self.weight, self.quant = nn.Parameter(w16, requires_grad=False), None
+            return
+        self.quant = quantize_int8(w16) if bits == 8 else quantize_int4(w16)
+        # An empty 16-bit placeholder keeps the parameter's name, dtype and device for the loader.
+        self.weight = nn.Parameter(w16.new_empty(0), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"

@@ -1,0 +1,121 @@
+"""The weight_bits knob: average bits per weight of the decoder's linear layers, 4..16, at runtime.
+
+A change requantizes one decoder layer per engine-loop iteration, between steps, from the memory-mapped
+checkpoint (optd.engine.loader.load_layer_weights), so requests keep flowing and no second 16-bit copy
+of the model is ever held. Values between the formats (4, 8, 16) give each layer one of them:
+`assign_bits` spends the bit budget where the measured sensitivity (the probe's KL with that layer
+alone quantized) says it matters most. The embedding and lm_head stay 16-bit.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from optd.engine.linear import BITS, Linear
+from optd.engine.loader import load_layer_weights
+from optd.engine.model import LlamaModel
+from optd.engine.model_config import ModelConfig
+
+Sensitivity = dict[int, dict[int, float]]  # layer -> bits (4 or 8) -> KL with that layer alone at those bits
+
+
+def layer_linears(model: LlamaModel, layer: int) -> dict[str, Linear]:
+    return {f"layers.{layer}.{n}.weight": m for n, m in model.layers[layer].named_modules()
+            if isinstance(m, Linear)}
+
+
+def current_bits(model: LlamaModel) -> list[int]:
+    return [next(iter(layer_linears(model, i).values())).bits for i in range(len(model.layers))]
+
+
+def average_bits(bits: list[int]) -> float:
+    return sum(bits) / len(bits)  # every layer has the same number of linear weights
+
+
+def assign_bits(target: float, num_layers: int, sensitivity: Sensitivity | None) -> list[int]:
+    """Bits per layer with an average as close to `target` as the formats allow without exceeding it,
+    minimizing the summed sensitivity (a knapsack over layers, in units of 4 bits). Without a
+    sensitivity, the damage of a layer is taken as doubling per bit removed, the earlier layers a little
+    cheaper to quantize."""
+    budget = int(target * num_layers + 1e-9) // 4  # in units of 4 bits; each layer costs 1, 2 or 4
+    cost = {4: 1, 8: 2, 16: 4}
+
+    def damage(layer: int, bits: int) -> float:
+        if bits == 16:
+            return 0.0
+        if sensitivity is None:  # quantization error roughly doubles per bit removed
+            return 2.0 ** (16 - bits) * (1 + layer / (10 * num_layers))
+        return sensitivity[layer][bits]
+
+    # best[b] = (damage, assignment) using exactly b units over the layers so far
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
+    for layer in range(num_layers):
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for used, (dmg, bits) in best.items():
+            for b in BITS:
+                u = used + cost[b]
+                if u > budget:
+                    continue
+                cand = (dmg + damage(layer, b), [*bits, b])
+                if u not in nxt or cand[0] < nxt[u][0]:
+                    nxt[u] = cand
+        best = nxt
+    if not best:
+        raise ValueError(f"weight_bits {target} is below 4")
+    top = max(best)  # spend the whole budget the formats allow
+    return best[top][1]
+
+
+@dataclass
+class WeightSwitch:
+    """One change of weight_bits in progress: `step()` requantizes the next layer that changes."""
+
+    model: LlamaModel
+    folder: Path
+    cfg: ModelConfig
+    target: list[int]
+    on_done: Callable[[str | None], None]   # called with None when done, or the reason it failed
+    started: float = field(default_factory=time.perf_counter)
+    previous: list[int] = field(init=False)
+    todo: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.previous = current_bits(self.model)
+        self.todo = [i for i, (a, b) in enumerate(zip(self.previous, self.target, strict=True)) if a != b]
+
+    def step(self) -> bool:
+        """Swap one layer; True when the switch is over (done or rolled back)."""
+        if not self.todo:
+            self.on_done(None)
+            return True
+        layer = self.todo[0]
+        try:
+            self._set_layer(layer, self.target[layer])
+        except Exception as e:  # e.g. out of memory: put back what was changed, keep serving
+            done = [i for i in range(len(self.target)) if i not in self.todo]
+            for i in [*done, layer]:
+                self._set_layer(i, self.previous[i])
+            self.on_done(f"{type(e).__name__}: {e}; rolled back to {average_bits(self.previous):g} bits")
+            return True
+        self.todo.pop(0)
+        if not self.todo:
+            self.on_done(None)
+            return True
+        return False
+
+    def _set_layer(self, layer: int, bits: int) -> None:
+        set_layer_bits(self.model, self.folder, self.cfg, layer, bits)
+
+
+def set_layer_bits(model: LlamaModel, folder: Path, cfg: ModelConfig, layer: int, bits: int) -> None:
+    """Requantize one decoder layer's linear layers to `bits` from the checkpoint's 16-bit weights."""
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    weights = load_layer_weights(folder, cfg, layer, device, dtype)
+    for name, linear in layer_linears(model, layer).items():
+        linear.set_bits(bits, weights[name])
+    del weights
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # memory freed by fewer bits becomes available at once

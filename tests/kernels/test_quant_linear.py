@@ -1,0 +1,351 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optd.kernels.quant_linear import (
+    INT4_GROUP,
+    Int4Weight,
+    Int8Weight,
+    KernelConfig,
+    dequantize,
+    packed_bytes,
+    quant_linear,
+    quant_linear_ref,
+    quant_linear_triton,
+    quantize_int4,
+    quantize_int8,
+)
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: Triton kernel not tested")
+
+# Triton kernels run on CUDA tensors when a GPU is there and the interpreter is off
+# (TRITON_INTERPRET=0 python -m pytest ...); otherwise on CPU tensors through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# One ulp of headroom for a scale stored in the dtype (it is rounded up, never down).
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def weight(n, k, dtype, seed):
+    """Random weights with some structure the quantizers must handle: an all-zero row, an outlier, a
+    row of one sign, a row offset away from zero."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[1] = 0.0
+    if n > 2:
+        w[2, k // 2] = 3.0  # an outlier sets its row's (or group's) scale
+    if n > 3:
+        w[3] = w[3].abs() + 0.01  # all positive: the int4 range must still hold 0 and the max
+    if n > 4:
+        w[4] = w[4] - 1.0  # all negative, far from zero
+    return w.to(dtype)
+
+
+def naive_dequant_int4(qw: Int4Weight) -> torch.Tensor:
+    """Element by element from the documented layout, independent of the module's unpacking."""
+    n = qw.q.shape[0]
+    out = torch.empty(n, qw.k)
+    q, s, z = qw.q.tolist(), qw.scale.float().tolist(), qw.zero.float().tolist()
+    for i in range(n):
+        for k in range(qw.k):
+            byte = q[i][k // 2]
+            code = byte & 0xF if k % 2 == 0 else byte >> 4
+            out[i, k] = (code - z[i][k // qw.group]) * s[i][k // qw.group]
+    return out
+
+
+# --- quantization ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 37), (33, 300), (3, 1)])
+def test_int8_error_within_bound(shape, dtype):
+    n, k = shape
+    w = weight(n, k, dtype, seed=n * k)
+    qw = quantize_int8(w)
+    assert isinstance(qw, Int8Weight)
+    assert qw.q.dtype == torch.int8 and qw.q.shape == (n, k)
+    assert qw.scale.dtype == dtype and qw.scale.shape == (n,)
+    assert int(qw.q.min()) >= -127 and int(qw.q.max()) <= 127
+    s = qw.scale.float()
+    recon = qw.q.float() * s[:, None]
+    err = (recon - w.float()).abs()
+    assert bool((err <= s[:, None] / 2 * (1 + 1e-6)).all()), f"err/scale {float((err / s[:, None]).max())}"
+    # The scale is the row's absmax / 127, up to rounding it up to the dtype: not loosened to pass.
+    amax = w.float().abs().amax(1)
+    nz = amax > 0
+    assert bool((s[nz] >= amax[nz] / 127).all()) and bool((s[nz] <= amax[nz] / 127 * (1 + ULP[dtype])).all())
+    assert bool((qw.q[~nz] == 0).all()), "all-zero rows must quantize to 0"
+    assert torch.equal(dequantize(qw), recon.to(dtype))
+    assert bool((dequantize(qw)[1] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(6, 300, 128), (5, 77, 32), (5, 100, 25), (3, 1, INT4_GROUP), (7, 256, 64)],
+    ids=lambda s: f"N{s[0]}-K{s[1]}-g{s[2]}",
+)
+def test_int4_error_within_bound(shape, dtype):
+    n, k, group = shape
+    w = weight(n, k, dtype, seed=n + k + group)
+    if k > group:
+        w[0, :group] = 0.0  # an all-zero group
+        w[0, group : 2 * group] = 0.25  # a constant group
+    qw = quantize_int4(w, group=group)
+    ng = -(-k // group)
+    assert isinstance(qw, Int4Weight) and qw.k == k and qw.group == group
+    assert qw.q.dtype == torch.uint8 and qw.q.shape == (n, -(-k // 2))
+    assert qw.scale.shape == qw.zero.shape == (n, ng) and qw.scale.dtype == qw.zero.dtype == dtype
+    z = qw.zero.float()
+    assert torch.equal(z, z.round()) and float(z.min()) >= 0 and float(z.max()) <= 15, "RTN zeros are codes"
+    if k % 2:
+        assert bool((qw.q[:, -1] >> 4 == 0).all()), "the high nibble past an odd K must be 0"
+
+    recon = naive_dequant_int4(qw)
+    gidx = torch.arange(k) // group
+    s = qw.scale.float()[:, gidx]
+    err = (recon - w.float()).abs()
+    assert bool((err <= s / 2 * (1 + 1e-5)).all()), f"max err / scale {float((err / s).max())}"
+    # The scale is the group's range (0 included) / 15, up to rounding it up to the dtype.
+    wp = torch.nn.functional.pad(w.float(), (0, ng * group - k)).view(n, ng, group)
+    rng = wp.amax(-1).clamp(min=0) - wp.amin(-1).clamp(max=0)
+    nz = rng > 0
+    sg = qw.scale.float()
+    assert bool((sg[nz] >= rng[nz] / 15).all()) and bool((sg[nz] <= rng[nz] / 15 * (1 + ULP[dtype])).all())
+    assert bool((recon[1] == 0).all()), "an all-zero row dequantizes to exact zeros"
+    if k > group:
+        assert bool((recon[0, :group] == 0).all()), "an all-zero group dequantizes to exact zeros"
+    # dequantize: the same values in float32, rounded once to the dtype.
+    assert torch.equal(dequantize(qw), recon.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [512, 300])
+def test_int4_refinement_lowers_error(k, dtype):
+    w = (torch.randn(64, k, generator=torch.Generator().manual_seed(k)) * 0.02).to(dtype)
+    rtn, refined = quantize_int4(w), quantize_int4(w, refine_steps=10)
+    assert refined.q.shape == rtn.q.shape and refined.scale.shape == rtn.scale.shape
+
+    def group_sse(qw):  # float32 reconstruction from the stored values, per (row, group)
+        e = (dequant_f32(qw) - w.float()).square()
+        e = torch.nn.functional.pad(e, (0, -k % INT4_GROUP))
+        return e.view(64, -1, INT4_GROUP).sum(-1)
+
+    before, after = group_sse(rtn), group_sse(refined)
+    ratio = float(after.sum() / before.sum())
+    assert ratio < 0.93, f"refined / round-to-nearest squared error: {ratio:.3f}"
+    assert bool((after <= before * (1 + 1e-5) + 1e-12).all()), "refinement made a group worse"
+    assert not torch.equal(refined.zero, refined.zero.round()), "refined zero points are fractional"
+
+
+def dequant_f32(qw: Int4Weight) -> torch.Tensor:
+    """naive_dequant_int4 vectorized (same layout, shifts instead of a loop): for larger weights."""
+    codes = torch.stack((qw.q & 0xF, qw.q >> 4), -1).view(qw.q.shape[0], -1)[:, : qw.k].float()
+    g = torch.arange(qw.k) // qw.group
+    return (codes - qw.zero.float()[:, g]) * qw.scale.float()[:, g]
+
+
+def test_packed_bytes():
+    w = torch.randn(448, 320).to(torch.bfloat16)  # the demo model's fused qkv
+    assert packed_bytes(quantize_int8(w)) == 448 * 320 + 448 * 2 == 144256
+    q4 = quantize_int4(w)
+    assert packed_bytes(q4) == 448 * 160 + 2 * 448 * 3 * 2 == 77056
+    for qw in (quantize_int8(w), q4, quantize_int4(w[:, :77].float(), group=32)):
+        tensors = [qw.q, qw.scale] + ([qw.zero] if isinstance(qw, Int4Weight) else [])
+        assert packed_bytes(qw) == sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+def test_bad_inputs_are_rejected():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="w:"):
+        quantize_int8(torch.randn(64))
+    with pytest.raises(ValueError, match="w:"):
+        quantize_int4(torch.ones(4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="group"):
+        quantize_int4(w, group=0)
+    with pytest.raises(ValueError, match="refine_steps"):
+        quantize_int4(w, refine_steps=-1)
+    qw = quantize_int4(w)
+    with pytest.raises(ValueError, match="x:"):
+        quant_linear_ref(torch.randn(2, 63), qw)
+    with pytest.raises(ValueError, match="x:"):
+        quant_linear(torch.randn(2, 64, dtype=torch.bfloat16), qw)
+    with pytest.raises(ValueError, match="qw:"):
+        quant_linear_ref(torch.randn(2, 64), w)
+
+
+# --- the op -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_is_matmul_with_dequantized_weight(dtype):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 300, generator=g).to(dtype)
+    x = torch.randn(2, 3, 300, generator=g).to(dtype)
+    for qw in (quantize_int8(w), quantize_int4(w)):
+        got = quant_linear_ref(x, qw)
+        assert got.shape == (2, 3, 40) and got.dtype == dtype
+        assert torch.equal(got, x @ dequantize(qw).T)
+        assert torch.equal(quant_linear(x, qw), got), "CPU tensors take the reference path"
+    # And close to the exact product (float64) with the weight as quantized.
+    qw = quantize_int4(w)
+    assert_within_rounding(quant_linear_ref(x, qw), x.double() @ naive_dequant_int4(qw).double().T, x, qw)
+
+
+def assert_matches_ref(got: torch.Tensor, x: torch.Tensor, qw) -> None:
+    want = quant_linear_ref(x, qw)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert_within_rounding(got, want, x, qw)
+
+
+def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, qw) -> None:
+    """Elementwise, relative to the sum of |x| |w| behind each output: float32 allows reordered sums;
+    bf16 a few roundings of the output and of each weight (the kernels keep weights unrounded). A wrong
+    code, group or nibble is off by the size of the output itself."""
+    wf = dequantize(qw).float()
+    mag = x.float().abs() @ wf.abs().T  # sum |x| |w|: the scale of rounding errors
+    if x.dtype == torch.float32:
+        bound = 1e-5 * mag + 1e-6
+    else:
+        bound = 2.0**-7 * want.float().abs() + 2.0**-8 * mag + 1e-3
+    err = (got.float() - want.float()).abs()
+    worst = float((err / bound).max())
+    assert worst <= 1, f"max err {float(err.max()):.3g}: {worst:.2f}x the bound"
+
+
+# (rows M, out N, in K, group, config or None for the default): covers the GEMV (block_m 1) with
+# whole-group and in-group tiles, split K, the decode dot path (block_m 16), the prefill path (block_m
+# > 16, dequantize-then-dot), ragged last groups, odd K and group sizes that are not powers of two.
+CASES = [
+    (1, 40, 300, 128, None),
+    (1, 40, 600, 128, KernelConfig(1, 16, 256, split_k=2)),
+    (1, 24, 77, 32, KernelConfig(1, 16, 64, split_k=2)),
+    (1, 24, 100, 48, KernelConfig(1, 16, 64)),
+    (1, 24, 77, 25, KernelConfig(1, 16, 32)),  # an odd group: a byte's two codes in different groups
+    (5, 40, 300, 128, None),
+    (16, 24, 400, 64, KernelConfig(16, 16, 64, split_k=3)),
+    (3, 24, 77, 25, KernelConfig(16, 16, 64)),
+    (40, 40, 300, 128, KernelConfig(32, 32, 64, swizzle=2)),
+    (24, 24, 77, 32, KernelConfig(32, 16, 32)),
+    (20, 24, 100, 25, KernelConfig(32, 16, 64)),
+    (70, 136, 264, 128, None),
+]
+
+
+
+def case_id(c) -> str:
+    m, n, k, group, config = c
+    return f"M{m}-N{n}-K{k}-g{group}" + ("" if config else "-default")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_matches_reference(case, fmt, dtype):
+    m, n, k, group, config = case
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+    w[n // 2] = 0.0
+    # x as a column slice of a wider tensor: its row stride is not K.
+    x = torch.randn(m, k + 3, generator=g).to(dtype)[:, :k]
+    # One refinement step: fractional zero points, as the kernels must handle.
+    qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, group=group, refine_steps=1)
+    got = quant_linear_triton(x.to(DEVICE), moved(qw, DEVICE), config)
+    assert_matches_ref(got.cpu(), x, qw)
+
+
+def moved(qw, device):
+    return type(qw)(**{f: v.to(device) if isinstance(v, torch.Tensor) else v for f, v in vars(qw).items()})
+
+
+@needs_triton
+def test_triton_random_shapes():
+    """Shapes drawn at random (seeded) through the default configs of both formats."""
+    g = torch.Generator().manual_seed(8)
+    for _ in range(4):
+        m = int(torch.randint(1, 24, (), generator=g))
+        n = int(torch.randint(1, 50, (), generator=g))
+        k = int(torch.randint(1, 400, (), generator=g))
+        w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        for qw in (quantize_int8(w), quantize_int4(w)):
+            assert_matches_ref(quant_linear_triton(x.to(DEVICE), moved(qw, DEVICE)).cpu(), x, qw)
+
+
+@needs_triton
+def test_triton_empty_and_leading_dims():
+    qw = quantize_int4(torch.randn(24, 64))
+    assert quant_linear_triton(torch.randn(0, 64, device=DEVICE), moved(qw, DEVICE)).shape == (0, 24)
+    x = torch.randn(2, 3, 64)
+    got = quant_linear_triton(x.to(DEVICE), moved(qw, DEVICE)).cpu()
+    assert got.shape == (2, 3, 24)
+    assert_matches_ref(got.view(6, 24), x.view(6, 64), qw)
+
+
+# --- compilation for real GPUs -------------------------------------------------------------------
+
+# Compiles the kernels for an H100 (sm_90) and an MI300 (gfx942) with the Triton compiler, no GPU
+# needed: the interpreter accepts code that the compiler rejects (tl.dot shapes, layouts, dtypes), and
+# the gfx942 build shows the kernels use no CUDA-only intrinsics. In a subprocess because under
+# TRITON_INTERPRET=1 @triton.jit gives interpreted functions, which the compiler cannot take.
+COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import optd.kernels.quant_linear as QL
+
+def compile_for(target, fn, types, constexprs, num_warps):
+    sig = {}
+    for name in fn.arg_names:
+        if name not in constexprs:
+            sig[name] = types.get(name, "i32")
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": 3})
+
+def ptrs(q, out="*bf16"):
+    return {"x_ptr": "*bf16", "q_ptr": q, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": out}
+
+gemv = dict(GROUP=128, GK=128, FAST=True, BLOCK_N=32, BLOCK_K=256)
+gemm = dict(GROUP=128, FAST=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SWIZZLE=1, UPCAST=False)
+cases = [
+    (QL._gemv_kernel, ptrs("*i8"), {**gemv, "INT4": False}, 4),
+    (QL._gemv_kernel, ptrs("*u8", "*fp32"), {**gemv, "INT4": True}, 4),
+    (QL._gemv_kernel, ptrs("*u8"), {**gemv, "INT4": True, "GROUP": 48, "GK": 48, "FAST": False}, 4),
+    (QL._gemm_kernel, ptrs("*i8"), {**gemm, "INT4": False}, 4),
+    (QL._gemm_kernel, ptrs("*u8", "*fp32"), {**gemm, "INT4": True}, 4),
+    (QL._gemm_kernel, ptrs("*u8"), {**gemm, "INT4": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8),
+    (QL._gemm_kernel, ptrs("*u8"), {**gemm, "INT4": True, "GROUP": 48, "FAST": False, "BLOCK_M": 64}, 4),
+    (QL._splitk_reduce_kernel, {"p_ptr": "*fp32", "out_ptr": "*bf16"}, {"SPLIT": 3, "BLOCK": 1024}, 4),
+]
+for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx942", 64)):
+    for fn, types, constexprs, warps in cases:
+        try:
+            compile_for(target, fn, types, constexprs, warps)
+        except Exception as e:
+            sys.exit(f"{target.arch} {fn.__name__} {constexprs}: {type(e).__name__}: {e}")
+print("compiled", len(cases), "kernels for sm_90 and gfx942")
+"""
+
+
+@needs_triton
+def test_kernels_compile_for_gpus():
+    from triton.backends import backends
+
+    if not {"nvidia", "amd"} <= set(backends):
+        pytest.skip("this Triton build lacks the NVIDIA or AMD backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
