@@ -113,11 +113,12 @@ def default_config(m: int, n: int, k: int, qw: Int8Weight | Int4Weight, device: 
     int4 = isinstance(qw, Int4Weight)
     fp32 = qw.scale.dtype == torch.float32
     if m == 1:
-        # ~90 registers a thread at these sizes (sm_90): five 4-warp programs per SM, each thread with
-        # two tiles' loads (32 B each) in flight.
-        cfg = KernelConfig(1, 32 if int4 else 16, 256, num_warps=4)
+        # From `bench/quant_linear.py --sweep` on an H100 (bench/RESULTS.md): long K tiles, one stage,
+        # beat the pipelined 256-wide tiles by 10-25 % on the Llama-3-8B shapes.
+        cfg = KernelConfig(1, 16, 512, num_warps=4, num_stages=1)
     elif m <= DECODE_MAX_ROWS:
-        cfg = KernelConfig(16, 32, 64 if fp32 else 128, num_warps=4, num_stages=4)
+        block_n = 64 if int4 and not fp32 else 32
+        cfg = KernelConfig(16, block_n, 64 if fp32 else 128, num_warps=4, num_stages=4)
     elif fp32:
         return KernelConfig(32, 64, 32, num_warps=4, num_stages=3, swizzle=8)
     else:
