@@ -126,6 +126,10 @@ def default_config(m: int, n: int, k: int, qw: Int8Weight | Int4Weight, device: 
         return KernelConfig(bm, 128, 64, num_warps=4 if bm == 64 else 8, num_stages=3, swizzle=8)
     if int4 and cfg.block_m > 1 and _pow2(qw.group) and qw.group >= 32:
         cfg = replace(cfg, block_k=min(cfg.block_k, qw.group))  # one group per tile: the fast path
+    if m == 1 and device.type == "cuda":
+        # The sweep's winners at one row: no split up to K = 8192 (o_proj, qkv, gate_up), a split of 2
+        # with 32-wide column tiles for the long K of down_proj.
+        return replace(cfg, block_n=32, split_k=2) if k > 8192 else cfg
     programs = -(-n // cfg.block_n)
     tiles = -(-k // cfg.block_k)
     return replace(cfg, split_k=max(1, min(-(-4 * _sm_count(device) // programs), tiles // 4, 16)))
