@@ -148,10 +148,12 @@ class Engine:
         while not self._stopped:
             self._wake.clear()
             self._run_commands()
-            if self._switch is not None and self._switch.step():  # one layer between two steps
+            # Between two steps: requantize one layer of a weight_bits change, or capture one graph.
+            if self._switch is not None and self._switch.step():
                 self._switch = None
+            background = self._switch is not None or self._capture_next()
             if not self.scheduler.has_work():
-                if self._switch is None:
+                if not background:
                     self._wake.wait()
                 continue
             try:
@@ -397,6 +399,11 @@ class Engine:
             result.outcomes["weight_bits"] = self._apply_weight_bits(bits)
         return result
 
+    def _capture_next(self) -> bool:
+        """Capture one pending CUDA graph (after a weight_bits change); True if one was pending."""
+        fused = self._speculator.fused if self._speculator else None
+        return self.runner.capture_next() or bool(fused and fused.capture_next())
+
     def _apply_weight_bits(self, value) -> KnobOutcome:
         start, current = time.perf_counter(), self._knobs.weight_bits
         reason = check_knob("weight_bits", value, max_num_seqs=self.config.max_num_seqs,
@@ -428,9 +435,10 @@ class Engine:
         def finish(failure: str | None) -> None:
             if failure is None:
                 self._knobs = Knobs(**{**self._knobs.__dict__, "weight_bits": average_bits(bits)})
-            self.runner.recapture()  # graphs hold the old weights' addresses
+            # The graphs held the old weights' addresses: capture them again, one per loop iteration.
+            self.runner.recapture(now=False)
             if self._speculator and self._speculator.fused:
-                self._speculator.fused.recapture()
+                self._speculator.fused.recapture(now=False)
             report(failure)
 
         self.runner.drop_graphs()  # eager until the last layer is swapped

@@ -39,10 +39,40 @@ class FusedGreedySpec:
     def drop_graphs(self) -> None:
         self.graphs.clear()
 
-    def recapture(self) -> None:
-        if self.use_graphs:
-            self.graphs.clear()
-            self._capture()
+    def recapture(self, now: bool = True) -> None:
+        """As ModelRunner.recapture: all graphs now, or one per capture_next() call."""
+        self.graphs.clear()
+        self._pending: list[tuple[int, int]] = []
+        if not self.use_graphs:
+            return
+        b, k, dev = max(self.buckets), self.max_k, self.target.device
+        self._meta = torch.zeros(4, 2 * b * (k + 1), dtype=torch.long, device=dev)
+        self._meta[2] = self.scratch_slot
+        self._tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
+        self._out = torch.zeros(b, 2 * k + 1, dtype=torch.long, device=dev)
+        self._host_meta = torch.zeros(self._meta.shape, dtype=torch.long).pin_memory()
+        self._host_tables = torch.zeros(self._tables.shape, dtype=torch.int32).pin_memory()
+        self._graph_pool = None
+        self._pending = [(b, k) for k in range(self.max_k, 0, -1) for b in sorted(self.buckets, reverse=True)]
+        while now and self.capture_next():
+            pass
+
+    def capture_next(self) -> bool:
+        """Capture one pending graph (a step without it runs eagerly); True while more remain."""
+        if not self._pending:
+            return False
+        b, k = self._pending.pop(0)
+        with torch.inference_mode():
+            meta, tables = self._meta[:, : 2 * b * (k + 1)], self._tables[:b]
+            self._program(meta, tables, b, k)  # warm-up: Triton compiles outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._out[:b, : 2 * k + 1] = self._program(meta, tables, b, k)
+            self._graph_pool = graph.pool()
+            self.graphs[b, k] = graph
+        torch.cuda.synchronize()
+        return bool(self._pending)
 
     def fits(self, seqs: list[Sequence], ks: list[int]) -> bool:
         """Every proposing sequence's draft cache is 1 or 2 tokens behind (the state after a step)."""
@@ -114,28 +144,6 @@ class FusedGreedySpec:
         tokens = torch.cat([verify[0].view(b, k + 1)[:, :1], drafts], 1).flatten()
         scores = _forward(self.target, tokens, verify, tables.repeat_interleave(k + 1, 0))
         return torch.cat([drafts, scores.view(b, k + 1, -1).argmax(-1)], 1)
-
-    def _capture(self) -> None:
-        b, k, dev = max(self.buckets), self.max_k, self.target.device
-        self._meta = torch.zeros(4, 2 * b * (k + 1), dtype=torch.long, device=dev)
-        self._meta[2] = self.scratch_slot
-        self._tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
-        self._out = torch.zeros(b, 2 * k + 1, dtype=torch.long, device=dev)
-        self._host_meta = torch.zeros(self._meta.shape, dtype=torch.long).pin_memory()
-        self._host_tables = torch.zeros(self._tables.shape, dtype=torch.int32).pin_memory()
-        pool = None
-        with torch.inference_mode():
-            for k in range(self.max_k, 0, -1):
-                for b in sorted(self.buckets, reverse=True):
-                    meta, tables = self._meta[:, : 2 * b * (k + 1)], self._tables[:b]
-                    self._program(meta, tables, b, k)  # warm-up: Triton compiles outside the capture
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self._out[:b, : 2 * k + 1] = self._program(meta, tables, b, k)
-                    pool = graph.pool()
-                    self.graphs[b, k] = graph
-        torch.cuda.synchronize()
 
 
 def _forward(runner: ModelRunner, tokens: Tensor, meta: Tensor, tables: Tensor) -> Tensor:

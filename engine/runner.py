@@ -42,10 +42,40 @@ class ModelRunner:
         """Run eagerly from now on (the graphs would replay on weights that are being replaced)."""
         self.graphs.clear()
 
-    def recapture(self) -> None:
-        if self.use_graphs:
-            self.graphs.clear()
-            self._capture(self.widths)
+    def recapture(self, now: bool = True) -> None:
+        """Capture the graphs (again, after the weights changed): all at once, or with now=False one per
+        capture_next() call, so that the engine serves a step between two captures."""
+        self.graphs.clear()
+        self._pending: list[tuple[int, int]] = []
+        if not self.use_graphs:
+            return
+        rows, dev = max(self.buckets) * max(self.widths), self.device
+        self._meta = torch.zeros(4, rows, dtype=torch.long, device=dev)
+        self._tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev)
+        self._logits = torch.empty(rows, self.model.cfg.vocab_size, dtype=torch.float32, device=dev)
+        self._meta[2] = self.pool.scratch_block * self.block_size
+        self._graph_pool = None
+        self._pending = [(b, w) for w in sorted(self.widths, reverse=True)
+                         for b in sorted(self.buckets, reverse=True)]
+        while now and self.capture_next():
+            pass
+
+    def capture_next(self) -> bool:
+        """Capture one pending graph (a step without it runs eagerly); True while more remain."""
+        if not self._pending:
+            return False
+        b, width = self._pending.pop(0)
+        with torch.inference_mode():
+            meta, tables = self._meta[:, : b * width], self._tables[: b * width]
+            self._forward(meta, tables)  # warm-up: Triton compiles outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._logits[: b * width] = self._forward(meta, tables)
+            self._graph_pool = graph.pool()
+            self.graphs[b, width] = graph
+        torch.cuda.synchronize()
+        return bool(self._pending)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> Tensor:  # prefill
         pos = torch.arange(start, end)
@@ -116,23 +146,3 @@ class ModelRunner:
     def _forward(self, meta: Tensor, tables: Tensor) -> Tensor:
         batch = ForwardBatch(meta[1], meta[2], block_tables=tables, context_lens=meta[3].int())
         return self.model(meta[0], batch, self.pool)
-
-    def _capture(self, widths: tuple[int, ...]) -> None:
-        rows, dev = max(self.buckets) * max(widths), self.device
-        self._meta = torch.zeros(4, rows, dtype=torch.long, device=dev)
-        self._tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev)
-        self._logits = torch.empty(rows, self.model.cfg.vocab_size, dtype=torch.float32, device=dev)
-        self._meta[2] = self.pool.scratch_block * self.block_size
-        pool = None
-        with torch.inference_mode():
-            for width in sorted(widths, reverse=True):
-                for b in sorted(self.buckets, reverse=True):
-                    meta, tables = self._meta[:, : b * width], self._tables[: b * width]
-                    self._forward(meta, tables)  # warm-up: Triton compiles outside the capture
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self._logits[: b * width] = self._forward(meta, tables)
-                    pool = graph.pool()
-                    self.graphs[b, width] = graph
-        torch.cuda.synchronize()
