@@ -219,6 +219,7 @@ class PolicyJob:
         with self._lock:
             previous, self.active = self.active, None
             self.store.set_state("policy", None)
+            self.store.deactivate_policies()
         if previous is not None:
             log.info("policy %s stopped (%s): the knobs stay where they are", previous.name, origin)
         self._announce(None)

@@ -108,6 +108,8 @@ async def serve(config: DaemonConfig, state_dir: Path, demo: bool = False,
     control.policy = policy_job
     if policy is not None:
         await asyncio.to_thread(policy_job.activate_configured, policy)
+    else:  # a policy active before a restart without one is not running any more
+        await asyncio.to_thread(policy_job.deactivate, "no policy configured")
     subscribers = [ring, store.add_sample, metrics.update_sample, publish]
     # The MQTT bridge (optional): its subscriber only queues the sample, never blocks the sampler.
     mqtt = None

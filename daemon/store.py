@@ -427,6 +427,11 @@ class Store:
             s.flush()
             return version.id
 
+    def deactivate_policies(self) -> None:
+        """No policy runs now (the daemon started without one, or it was unset)."""
+        with self._lock, Session(self.engine) as s, s.begin():
+            s.execute(update(PolicyVersion).where(PolicyVersion.active).values(active=False))
+
     def active_policy(self) -> dict[str, Any] | None:
         with self._lock, Session(self.engine) as s:
             row = s.scalars(select(PolicyVersion).where(PolicyVersion.active)

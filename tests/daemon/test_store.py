@@ -322,6 +322,8 @@ def test_state_and_policy_versions(store):
     assert store.active_policy()["id"] == second
     assert [v["active"] for v in store.policy_versions()] == [False, True, False]
     assert [v["id"] for v in store.policy_versions(name="balanced")] == [first]
+    store.deactivate_policies()
+    assert store.active_policy() is None and not any(v["active"] for v in store.policy_versions())
 
 
 def test_operator_state_survives_a_restart(sqlite_url):
