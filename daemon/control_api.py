@@ -104,6 +104,18 @@ def _is_loopback(request: Request) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+def _limit(query: Mapping[str, str], default: int, maximum: int) -> int | JSONResponse:
+    """The `limit` query parameter in 1..maximum, or the 400 that refuses it."""
+    raw = query.get("limit", str(default))
+    try:
+        limit = int(raw)
+    except ValueError:
+        return error(400, f"limit must be an integer, got {raw!r}", param="limit")
+    if not 1 <= limit <= maximum:
+        return error(400, f"limit must be in 1..{maximum}, got {limit}", param="limit")
+    return limit
+
+
 def _pin_view(pin: Mapping[str, Any]) -> dict[str, Any]:
     return {"value": pin["value"], "reason": pin.get("reason", ""), "expires_at": pin.get("expires_at"),
             "source": pin.get("source"), "created_at": pin.get("created_at")}
@@ -290,13 +302,9 @@ class ControlRoutes:
     async def requests(self, request: Request):
         if denied := self._denied(request, write=False):
             return denied
-        raw = request.query_params.get("limit", "20")
-        try:
-            limit = int(raw)
-        except ValueError:
-            return error(400, f"limit must be an integer, got {raw!r}", param="limit")
-        if not 1 <= limit <= MAX_RECENT_ERRORS:
-            return error(400, f"limit must be in 1..{MAX_RECENT_ERRORS}, got {limit}", param="limit")
+        limit = _limit(request.query_params, 20, MAX_RECENT_ERRORS)
+        if isinstance(limit, JSONResponse):
+            return limit
         stats = await asyncio.to_thread(self.engine.stats)      # as in status: it may wait for the engine
         # The OpenAI routes' request log (create_app keeps the routes on app.state): None in an app that
         # serves only the control API.
@@ -311,12 +319,9 @@ class ControlRoutes:
         if denied := self._denied(request, write=False):
             return denied
         q = request.query_params
-        try:
-            limit = int(q.get("limit", "100"))
-        except ValueError:
-            return error(400, f"limit must be an integer, got {q.get('limit')!r}", param="limit")
-        if not 1 <= limit <= MAX_DECISIONS:
-            return error(400, f"limit must be in 1..{MAX_DECISIONS}, got {limit}", param="limit")
+        limit = _limit(q, 100, MAX_DECISIONS)
+        if isinstance(limit, JSONResponse):
+            return limit
         knob, outcome = q.get("knob"), q.get("outcome")
         if knob is not None and knob not in Knobs.names():
             return error(400, f"unknown knob {knob!r} (knobs: {', '.join(Knobs.names())})", param="knob")

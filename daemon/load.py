@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from optd.policies.stats import percentile
+
 if TYPE_CHECKING:
     import httpx
     import uvicorn
@@ -448,18 +450,6 @@ async def run_load(spec: LoadSpec, *, progress: Progress | None = None,
 
 # ---------------------------------------------------------------------------------------------------
 # The report
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default; the daemon's telemetry uses the
-    same rule, in optd.daemon.telemetry, which this module does not import to stay free of torch)."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 class Latency(BaseModel):

@@ -60,6 +60,7 @@ from optd.daemon.devices import GPU_FIELDS, PROCESS_FIELDS, DeviceProbe
 from optd.daemon.request_log import FinishedRequest
 from optd.engine.knobs import Knobs
 from optd.engine.outputs import EngineStats
+from optd.policies.stats import percentile
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,6 @@ class SLO:
     @property
     def empty(self) -> bool:
         return self.ttft_p95 is None and self.itl_p95 is None
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def new_items(prev: Sequence, cur: Sequence) -> list:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from optd.policies.durations import DURATION_RE, UNITS
 from optd.policies.errors import PolicyError
 from optd.policies.metrics import METRIC_NAMES, SampleWindow
+from optd.policies.stats import percentile
 
 SLO_NAMES = ("ttft_p95", "itl_p95", "e2e_p95")
 WINDOW_FUNCTIONS = ("avg", "min", "max", "p50", "p95", "p99", "rate")
@@ -284,17 +285,6 @@ def _or(values) -> Value:
             return True
         unknown |= v is None
     return None if unknown else False
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default), q in 0..100."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 _REDUCERS: dict[str, Callable[[list[float]], float | None]] = {
