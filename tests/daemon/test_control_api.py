@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ from optd.daemon.control_api import ControlRoutes
 from optd.daemon.events import EventHub
 from optd.daemon.store import Store
 from optd.engine import Engine, EngineConfig
+from tests.daemon.ports import free_port
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -182,15 +182,9 @@ def test_telemetry_from_ring_and_store(engine, url):
     store.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_events_stream_over_sse(engine, url):
     app, _, store, hub = build(engine, url)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -32,6 +32,7 @@ from optd.daemon.config import ConfigError, load_config
 from optd.daemon.mqtt import backoff
 from optd.daemon.mqtt_commands import CommandHandler, canonical, sign
 from optd.daemon.mqtt_outbox import Outbox, Outgoing
+from tests.daemon.ports import free_port
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
@@ -42,12 +43,6 @@ WAIT_S = 60.0           # upper bound on any wait: a failure, never a timing ass
 
 
 # -- brokers -----------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _listening(port: int) -> bool:
     with socket.socket() as s:
@@ -107,9 +102,9 @@ class MosquittoBroker:
 def _private_broker() -> MosquittoBroker | AmqttBroker:
     binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
     if binary:
-        return MosquittoBroker(_free_port(), binary)
+        return MosquittoBroker(free_port(), binary)
     pytest.importorskip("amqtt", reason="neither mosquitto nor amqtt is installed")
-    return AmqttBroker(_free_port())
+    return AmqttBroker(free_port())
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +113,7 @@ def broker_port():
         yield 1883
         return
     pytest.importorskip("amqtt", reason="no Mosquitto at 127.0.0.1:1883 and amqtt is not installed")
-    broker = AmqttBroker(_free_port())
+    broker = AmqttBroker(free_port())
     broker.start()
     yield broker.port
     broker.stop()

@@ -1,7 +1,6 @@
 """The OpenAI-compatible API through the official `openai` client, against a real server on a free port."""
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -21,12 +20,7 @@ from optd.daemon.request_log import FinishedBuffer, FinishedRequest, RequestLog
 from optd.daemon.store import Store
 from optd.daemon.telemetry import SLO, Sampler
 from optd.engine import Engine, EngineConfig, SamplingParams
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.daemon.ports import free_port
 
 
 class Server(NamedTuple):
