@@ -41,9 +41,10 @@ class NgramDrafter:
 
 
 class ModelDrafter:
-    """A smaller model sharing the target's tokenizer. Its KV pool has as many blocks as the target's
-    and is indexed by the same block tables, so allocation, preemption and rollback of a sequence
-    cover both caches at once; `seq.draft_cached` counts the tokens whose draft K/V is valid."""
+    """A smaller model sharing the target's tokenizer. Its KV pool is its own, indexed by each
+    sequence's `draft_blocks` (position-aligned, never compressed), which the scheduler allocates,
+    preempts and rolls back together with the target's; `seq.draft_cached` counts the tokens whose
+    draft K/V is valid."""
 
     def __init__(
         self,
@@ -71,7 +72,8 @@ class ModelDrafter:
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, dtype)
         self.pool = KVPool(layout, num_blocks, device)
         # Catching up after a step feeds 1 token (a draft was rejected) or 2 (all were accepted).
-        self.runner = ModelRunner(self.model, self.pool, max_num_seqs, max_model_len, cuda_graphs, (1, 2))
+        self.runner = ModelRunner(self.model, self.pool, max_num_seqs, max_model_len, cuda_graphs, (1, 2),
+                                  draft=True)
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> Proposal:
         drafts: list[list[int]] = [[] for _ in seqs]

@@ -17,13 +17,16 @@ from queue import Empty, SimpleQueue
 import torch
 
 from optd.engine.config import EngineConfig, EngineError, SamplingParams
+from optd.engine.drafter import ModelDrafter
 from optd.engine.knobs import ApplyResult, KnobOutcome, Knobs, check_knob
 from optd.engine.kv_cache import BlockAllocator, KVLayout, KVPool
+from optd.engine.kv_compress import KVCompressor, PrefillPacker
 from optd.engine.linear import Linear
 from optd.engine.loader import load_model, resolve_model_path
 from optd.engine.model_config import ModelConfig
 from optd.engine.outputs import Delta, EngineStats, RequestOutput
-from optd.engine.quality import PROBE_TEXTS, QualityReport, ReferenceStore, probe_key, timed_report
+from optd.engine.probe_texts import PROBE_TEXTS
+from optd.engine.quality import QualityReport, ReferenceStore, probe_key, timed_report
 from optd.engine.runner import ModelRunner
 from optd.engine.sampler import sample
 from optd.engine.scheduler import Scheduler
@@ -90,12 +93,20 @@ class Engine:
                 f"{self.max_model_len}; give it more memory or lower max_model_len"
             )
         self.pool = KVPool(layout, num_blocks + 1, self.device)  # + the scratch block
+        # The draft's cache is never compressed: give it room for what the target holds at r = 0.75.
+        per_seq = allocator.blocks_for(self.max_model_len)
+        draft_blocks = max(min(config.max_num_seqs * per_seq, 4 * num_blocks), per_seq)
+        self.drafter = make_drafter(config, self, draft_blocks + 1)
+        draft_allocator = None
+        if isinstance(self.drafter, ModelDrafter):
+            draft_allocator = BlockAllocator(draft_blocks, config.block_size)
         self.scheduler = Scheduler(allocator, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len)
-        self.drafter = make_drafter(config, self, num_blocks + 1)
+                                   self.max_model_len, draft_allocator)
         widths = (1,) if self.drafter is None else tuple(range(1, config.max_spec_length + 2))
         self.runner = ModelRunner(self.model, self.pool, config.max_num_seqs, self.max_model_len,
                                   config.cuda_graphs, widths)
+        self.compressor = KVCompressor(self.pool, self.scheduler)
+        self.scheduler.prefill_blocks = self.compressor.prefill_blocks
         self._knobs = Knobs(max_batch_size=config.max_num_seqs)
         self._rng = torch.Generator(device=self.device).manual_seed(config.seed)
         self._ids = itertools.count()
@@ -184,7 +195,8 @@ class Engine:
         start = time.perf_counter()
         try:
             if step.is_prefill:
-                new_tokens = [[t] for t in sample(self.runner.prefill(seqs), seqs)]
+                packer = PrefillPacker(self.compressor, seqs) if self.compressor.ratio > 0 else None
+                new_tokens = [[t] for t in sample(self.runner.prefill(seqs, packer), seqs)]
                 if k > 0:
                     self._speculator.prefill(seqs)
             elif k == 0:  # the plain decode path: no drafter work at all
@@ -215,27 +227,22 @@ class Engine:
                     self._finish(seq, reason)
                     break
             else:
-                self.scheduler.allocator.truncate(seq.blocks, seq.num_cached)
+                self.scheduler.truncate(seq, seq.num_cached)
+                self.compressor.pack(seq)
+        if self.pool.packed_mode and self.compressor.ratio == 0 and not any(
+                s.packed_pages for s in self.scheduler.running):
+            self._set_packed_mode(False)  # nothing packed is left: back to the 16-bit kernel
 
     def _probe(self) -> QualityReport:
         """Teacher-force the probe texts through the cache and kernels that serve requests (see
         optd.engine.quality) and compare with the 16-bit, uncompressed reference."""
         started = time.perf_counter()
         texts = [self.tokenizer.encode(t)[: self.max_model_len] for t in PROBE_TEXTS]
-        rows = []
-        for ids in texts:
-            seq = self.make_sequence(ids[: len(ids) // 2], SamplingParams(max_tokens=1))
-            alloc = self.scheduler.allocator
-            if not alloc.can_grow(seq.blocks, len(ids)):
-                raise EngineError("quality probe: the KV cache is full right now; try again later")
-            alloc.grow(seq.blocks, len(ids))
-            try:
-                first = self.runner.prefill([seq])
-                rest = self.runner.extend([seq], [(seq.num_tokens, ids[seq.num_tokens :])])[0]
-            finally:
-                alloc.release(seq.blocks)
-            rows.append(torch.cat([first, rest[:-1]]))  # predictions of ids[half:]
-        current = torch.log_softmax(torch.cat(rows).float(), dim=-1).cpu()
+        try:
+            rows = [self._teacher_force(ids, len(ids) // 2) for ids in texts]
+        except EngineError as e:
+            raise EngineError(f"quality probe: {e}") from None
+        current = torch.cat(rows).cpu()
         key = probe_key(self._model_folder, self.dtype, texts)
         reference = self._references.get(key)
         if reference is None:
@@ -244,6 +251,33 @@ class Engine:
                                   "uncompressed to make one")
             self._references.put(key, reference := current)
         return timed_report(reference, current, started)
+
+    def _teacher_force(self, ids: list[int], split: int) -> torch.Tensor:
+        """Log-probabilities [len(ids) - split, vocab] of the predictions of ids[split:], fed as a request
+        would be: ids[:split] prefilled (and packed, under kv_compression), the rest as one chunk on top
+        of that cache. Engine thread; holds blocks only while it runs."""
+        seq = self.make_sequence(ids[:split], SamplingParams(max_tokens=1))
+        sched = self.scheduler
+        if not sched.can_grow(seq, len(ids)):
+            raise EngineError("the KV cache is full right now; try again later")
+        sched.allocator.grow(seq.blocks, self.compressor.prefill_blocks(seq))
+        try:
+            packer = PrefillPacker(self.compressor, [seq]) if self.compressor.ratio > 0 else None
+            first = self.runner.prefill([seq], packer)
+            seq.num_cached = seq.num_tokens
+            sched.grow(seq, len(ids))
+            rest = self.runner.extend([seq], [(split, ids[split:])])[0]
+        finally:
+            sched.release(seq)
+        return torch.log_softmax(torch.cat([first, rest[:-1]]).float(), dim=-1)
+
+    def logprobs(self, ids: list[int], split: int) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= split under the current knobs, through the serving path
+        (the prefix ids[:split] goes through the KV cache as a request's prompt would)."""
+        if not 0 < split < len(ids) <= self.max_model_len:
+            raise EngineError(f"need 0 < split < len(ids) <= max_model_len, got {split}, {len(ids)}")
+        rows = self._call(lambda: self._teacher_force(ids, split))
+        return rows.gather(1, torch.tensor(ids[split:], device=rows.device)[:, None])[:, 0].tolist()
 
     def _layer_sensitivity(self) -> Sensitivity | None:
         """The probe's KL with each layer alone at 4 and at 8 bits (engine thread; blocks serving for
@@ -460,10 +494,31 @@ class Engine:
                 continue
             if name == "max_batch_size":
                 self.scheduler.max_batch_size = value
+            if name == "kv_compression":
+                self._set_kv_compression(float(value))
             self._knobs = Knobs(**{**self._knobs.__dict__, name: value})
             result.outcomes[name] = KnobOutcome(name, "applied", value, value,
                                                 cost_s=time.perf_counter() - start)
         return result
+
+    def _set_kv_compression(self, r: float) -> None:
+        """New tokens are packed for r from the next step on; a raise re-packs every running sequence
+        now (freeing blocks), a lowering leaves what is packed as it is (the information is gone)."""
+        raised = r > self.compressor.ratio
+        self.compressor.ratio = r
+        if r > 0 and not self.pool.packed_mode:
+            self._set_packed_mode(True)
+        if raised:
+            for seq in self.scheduler.running:
+                self.compressor.repack(seq)
+
+    def _set_packed_mode(self, on: bool) -> None:
+        """Switch attention between the 16-bit and the packed-page kernel; CUDA graphs bake the kernel
+        in, so they are captured again, one per loop iteration (steps run eagerly meanwhile)."""
+        self.pool.packed_mode = on
+        self.runner.recapture(now=False)
+        if self._speculator and self._speculator.fused:
+            self._speculator.fused.recapture(now=False)
 
     def probe(self) -> QualityReport:
         """Quality under the current knobs against the reference (runs between two steps)."""
@@ -477,11 +532,25 @@ class Engine:
             "requests_waiting": len(s.waiting),
             "preemptions_total": s.preemptions_total,
             "kv_blocks_used": s.allocator.num_used,
+            **self._kv_bytes(),
             "spec_accepted_per_pos": list(self._counters.spec_accepted_per_pos),
             "step_time_s": dict(self._step_time),
             "weight_bytes": self.weight_bytes,
             **{k: list(v) for k, v in self._stream.latency.items()},
         })
+
+    def _kv_bytes(self) -> dict:
+        """KV bytes per token of the running sequences' blocks (tails and partial blocks included) and
+        the ratio that saves against native pages; with none running, what full pages reach."""
+        layout, s = self.pool.layout, self.scheduler
+        native = layout.bytes_per_token
+        tokens = sum(seq.num_cached for seq in s.running)
+        if tokens:
+            blocks = sum(len(seq.blocks) for seq in s.running)
+            per_token = blocks * layout.num_layers * layout.block_bytes / tokens
+        else:
+            per_token = native * (1 - self.compressor.nominal_ratio(self.compressor.ratio))
+        return {"kv_bytes_per_token": round(per_token), "kv_compression_achieved": 1 - per_token / native}
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped

@@ -45,8 +45,10 @@ def check_knob(name: str, value, *, max_num_seqs: int, max_spec_length: int, has
         if isinstance(value, bool) or not isinstance(value, int | float) or not 4 <= value <= 16:
             return f"weight_bits must be a number in 4..16 (average bits per weight), got {value!r}"
         return None
-    if name not in ("max_batch_size", "spec_length"):
-        return f"{name} is not supported by this engine yet"
+    if name == "kv_compression":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            return f"kv_compression must be a number in [0, 1) (fraction of KV bytes saved), got {value!r}"
+        return None
     if not isinstance(value, int) or isinstance(value, bool):
         return f"{name} must be an integer, got {value!r}"
     if name == "spec_length":

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optd.engine.kv_cache import KVPool
+from optd.engine.kv_compress import PrefillPacker
 from optd.engine.linear import Linear
 from optd.engine.model_config import ModelConfig, RopeConfig
 from optd.kernels.activation import silu_and_mul
+from optd.kernels.packed_attention import packed_paged_attention
 from optd.kernels.paged_attention import paged_attention
 from optd.kernels.rmsnorm import rms_norm
 from optd.kernels.rope import rope_and_cache
@@ -26,15 +28,18 @@ class ForwardBatch:
     """Where each token of a forward sits, and how it attends.
 
     Prefill: whole sequences from position 0, concatenated; `prefill_lens` gives their lengths.
-    Decode: one row per token, each attending to its own block table up to its context length.
+    Decode: one row per token, each attending to its own block table: its first `packed_pages` pages
+    (quantized, every token visible), then `context_lens` tokens of its native tail (see kv_cache).
     """
 
     positions: Tensor                   # [T] int64
     slot_mapping: Tensor                # [T] int64: block * block_size + offset to write K/V
     prefill_lens: list[int] | None = None
     block_tables: Tensor | None = None  # [T, max_blocks] int32
-    context_lens: Tensor | None = None  # [T] int32
+    context_lens: Tensor | None = None  # [T] int32: tokens visible in the native tail
+    packed_pages: Tensor | None = None  # [T] int32
     logits_rows: Tensor | None = None   # rows to compute logits for (None: all)
+    packer: PrefillPacker | None = None  # prefill under kv_compression: writes prompts' packed pages
 
 
 class RMSNorm(nn.Module):
@@ -90,20 +95,42 @@ class Attention(nn.Module):
         # Rotates q and k in place and writes k, v into their cache slots.
         rope_and_cache(q, k, v, batch.positions, *rope, k_cache, v_cache, batch.slot_mapping)
         if batch.prefill_lens is not None:
-            out = self._prefill(q, k, v, batch.prefill_lens)
+            out = self._prefill(q, k, v, batch.prefill_lens, batch.packer)
+        elif pool.packed_mode:
+            out = packed_paged_attention(
+                q, pool.data[self.layer], pool.page_meta, batch.block_tables, batch.packed_pages,
+                batch.context_lens, self.scale, block_size=pool.layout.block_size,
+                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
         else:
             out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
         return self.o(out.reshape(T, self.q_size))
 
-    def _prefill(self, q: Tensor, k: Tensor, v: Tensor, lens: list[int]) -> Tensor:
+    def _prefill(self, q: Tensor, k: Tensor, v: Tensor, lens: list[int],
+                 packer: PrefillPacker | None) -> Tensor:
         group = self.num_heads // self.num_kv_heads
         outs = []
-        for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens), strict=True):
+        for i, (qs, ks, vs) in enumerate(zip(q.split(lens), k.split(lens), v.split(lens), strict=True)):
             # [heads, len, dim] for SDPA; K/V heads repeated to the query heads (GQA).
-            ks, vs = (t.transpose(0, 1).repeat_interleave(group, dim=0) for t in (ks, vs))
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks, vs, is_causal=True, scale=self.scale)
+            kr, vr = (t.transpose(0, 1).repeat_interleave(group, dim=0) for t in (ks, vs))
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1), kr, vr, is_causal=True, scale=self.scale)
             outs.append(o.transpose(0, 1))
+            if packer is not None:
+                packer.write(self.layer, i, ks, vs,
+                             lambda qs=qs, kr=kr: snapkv_scores(qs.transpose(0, 1), kr, self.scale, group))
         return torch.cat(outs)
+
+
+def snapkv_scores(q: Tensor, k: Tensor, scale: float, group: int, window: int = 32, pool: int = 7) -> Tensor:
+    """Importance of each prompt token per kv head [kv_heads, len]: the attention it gets from the last
+    `window` queries (SnapKV's observation window), summed over them and the group's heads, then
+    max-pooled over neighbours so that a kept token keeps its context. q, k: [heads, len, dim]."""
+    n = q.shape[1]
+    w = min(window, n)
+    logits = (q[:, -w:].float() @ k.float().transpose(1, 2)) * scale  # [heads, w, len]
+    causal = torch.arange(n, device=q.device)[None, :] > torch.arange(n - w, n, device=q.device)[:, None]
+    probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
+    per_head = probs.sum(1).view(-1, group, n).sum(1)  # [kv_heads, len]
+    return F.max_pool1d(per_head[:, None], pool, stride=1, padding=pool // 2)[:, 0]
 
 
 class MLP(nn.Module):

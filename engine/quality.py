@@ -19,21 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PROBE_TEXTS = (
-    "def merge_sorted(left, right):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n"
-    "    out, i, j = [], 0, 0\n    while i < len(left) and j < len(right):\n"
-    "        if left[i] <= right[j]:\n            out.append(left[i])\n            i += 1\n",
-    "import os\nimport sys\n\n\ndef main(argv=None):\n    parser = argparse.ArgumentParser()\n"
-    "    parser.add_argument('path')\n    args = parser.parse_args(argv)\n"
-    "    for name in sorted(os.listdir(args.path)):\n        print(name)\n",
-    "The cache keeps the keys and values of every token a request has seen, so that each new token "
-    "attends to them without recomputing the prefix. When memory runs short, older requests wait.",
-    "class Counter(dict):\n    def __missing__(self, key):\n        return 0\n\n"
-    "    def most_common(self, n=None):\n"
-    "        items = sorted(self.items(), key=lambda kv: kv[1], reverse=True)\n"
-    "        return items if n is None else items[:n]\n",
-)
-
 
 @dataclass(frozen=True)
 class QualityReport:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from optd.engine.kv_cache import KVPool
+from optd.engine.kv_compress import PrefillPacker
 from optd.engine.model import ForwardBatch, LlamaModel
 from optd.engine.sequence import Sequence
 
@@ -24,11 +25,12 @@ Chunk = tuple[int, list[int]]  # (position of the first token, tokens) fed for o
 
 class ModelRunner:
     """Runs one model over its KV pool. `widths` are the rows per sequence whose steps replay CUDA
-    graphs: 1 for plain decode, k + 1 for verifying k draft tokens."""
+    graphs: 1 for plain decode, k + 1 for verifying k draft tokens. A draft model's runner reads a
+    sequence's `draft_blocks`, by position; the target's reads its packed pages and native tail."""
 
     def __init__(self, model: LlamaModel, pool: KVPool, max_num_seqs: int, max_model_len: int,
-                 use_cuda_graphs: bool, widths: tuple[int, ...] = (1,)):
-        self.model, self.pool = model, pool
+                 use_cuda_graphs: bool, widths: tuple[int, ...] = (1,), draft: bool = False):
+        self.model, self.pool, self.draft = model, pool, draft
         self.device = model.embed.weight.device
         self.block_size = pool.layout.block_size
         self.max_blocks = -(-max_model_len // self.block_size)
@@ -50,7 +52,7 @@ class ModelRunner:
         if not self.use_graphs:
             return
         rows, dev = max(self.buckets) * max(self.widths), self.device
-        self._meta = torch.zeros(4, rows, dtype=torch.long, device=dev)
+        self._meta = torch.zeros(5, rows, dtype=torch.long, device=dev)
         self._tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev)
         self._logits = torch.empty(rows, self.model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self._meta[2] = self.pool.scratch_block * self.block_size
@@ -77,24 +79,41 @@ class ModelRunner:
         torch.cuda.synchronize()
         return bool(self._pending)
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> Tensor:  # prefill
-        pos = torch.arange(start, end)
-        return torch.tensor(seq.blocks)[pos // self.block_size] * self.block_size + pos % self.block_size
+    def kv(self, seq: Sequence) -> tuple[list[int], int, int]:
+        """The sequence's block table in this runner's pool, its packed pages and tail start."""
+        if self.draft:
+            return seq.draft_blocks, 0, 0
+        return seq.blocks, seq.packed_pages, seq.tail_start
+
+    def _slots(self, seq: Sequence, packed_tokens: int, pages: int) -> Tensor:
+        """Prefill: where each token's 16-bit K/V goes. The first `packed_tokens` go into `pages` packed
+        pages instead (the PrefillPacker writes them), so their native writes land in the scratch block."""
+        blocks, packed, tail_start = self.kv(seq)
+        assert packed == tail_start == 0, "prefill starts from an empty cache"
+        i = torch.arange(seq.num_tokens) - packed_tokens
+        slots = torch.tensor(blocks)[pages + i.clamp_min(0) // self.block_size] * self.block_size
+        return torch.where(i < 0, self.pool.scratch_block * self.block_size, slots + i % self.block_size)
 
     def _to_device(self, *tensors: Tensor) -> list[Tensor]:
         return [t.to(self.device, non_blocking=True) for t in tensors]
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> Tensor:
-        """Whole sequences from position 0 (new prompts, or preempted ones being recomputed)."""
+    def prefill(self, seqs: list[Sequence], packer: PrefillPacker | None = None) -> Tensor:
+        """Whole sequences from position 0 (new prompts, or preempted ones being recomputed). With a
+        packer (kv_compression), the prompts' leading tokens go straight into packed pages."""
         lens = [s.num_tokens for s in seqs]
         ids = torch.tensor([t for s in seqs for t in s.token_ids])
         positions = torch.cat([torch.arange(n) for n in lens])
-        slots = torch.cat([self._slots(s, 0, s.num_tokens) for s in seqs])
+        plans = packer.plans if packer else [([], 0)] * len(seqs)
+        slots = torch.cat([self._slots(s, take, len(specs))
+                           for s, (specs, take) in zip(seqs, plans, strict=True)])
         last_rows = torch.tensor(lens).cumsum(0) - 1
         ids, positions, slots, last_rows = self._to_device(ids, positions, slots, last_rows)
-        batch = ForwardBatch(positions, slots, prefill_lens=lens, logits_rows=last_rows)
-        return self.model(ids, batch, self.pool)
+        batch = ForwardBatch(positions, slots, prefill_lens=lens, logits_rows=last_rows, packer=packer)
+        logits = self.model(ids, batch, self.pool)
+        if packer:
+            packer.commit()
+        return logits
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> Tensor:
@@ -127,22 +146,26 @@ class ModelRunner:
                     bucket: int) -> tuple[Tensor, Tensor]:
         """Host tensors, one row per fed token, sequence i owning widths[i] rows; padding rows (and
         padding sequences up to `bucket`) write to the scratch block and attend to nothing.
-        meta [4, rows] = token id, position, cache slot, context length; tables [rows, max_blocks]."""
+        meta [5, rows] = token id, position, cache slot, tokens visible in the native tail, packed pages
+        (see ForwardBatch); tables [rows, max_blocks]."""
         bs, scratch = self.block_size, self.pool.scratch_block * self.block_size
         rows = sum(widths) + (bucket - len(seqs)) * (widths[0] if widths else 1)
-        meta = [[0] * rows, [0] * rows, [scratch] * rows, [0] * rows]
+        meta = [[0] * rows, [0] * rows, [scratch] * rows, [0] * rows, [0] * rows]
         tables, empty, r = [], [0] * self.max_blocks, 0
         for s, (start, toks), w in zip(seqs, chunks, widths, strict=True):
-            table = s.blocks + [0] * (self.max_blocks - len(s.blocks))
+            blocks, packed, tail_start = self.kv(s)
+            table = blocks + [0] * (self.max_blocks - len(blocks))
             for j, token in enumerate(toks):
                 pos = start + j
-                meta[0][r + j], meta[1][r + j], meta[3][r + j] = token, pos, pos + 1
-                meta[2][r + j] = s.blocks[pos // bs] * bs + pos % bs
+                meta[0][r + j], meta[1][r + j], meta[3][r + j] = token, pos, pos + 1 - tail_start
+                meta[2][r + j] = blocks[packed + (pos - tail_start) // bs] * bs + (pos - tail_start) % bs
+                meta[4][r + j] = packed
             tables += [table] * w
             r += w
         tables += [empty] * (rows - r)
         return torch.tensor(meta), torch.tensor(tables, dtype=torch.int32)
 
     def _forward(self, meta: Tensor, tables: Tensor) -> Tensor:
-        batch = ForwardBatch(meta[1], meta[2], block_tables=tables, context_lens=meta[3].int())
+        batch = ForwardBatch(meta[1], meta[2], block_tables=tables, context_lens=meta[3].int(),
+                             packed_pages=meta[4].int())
         return self.model(meta[0], batch, self.pool)

@@ -25,7 +25,10 @@ class Sequence:
     detokenizer: Detokenizer
     generator: torch.Generator | None = None  # per-request RNG: same seed, same output
     status: Status = Status.WAITING
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # packed pages, then the native tail (kv_cache)
+    packed_pages: int = 0         # quantized pages at the front of `blocks` (the kv_compression knob)
+    tail_start: int = 0           # position of the first token in the native tail that follows them
+    draft_blocks: list[int] = field(default_factory=list)  # the draft model's cache, by position
     num_cached: int = 0           # tokens whose K/V are in the cache
     draft_cached: int = 0         # tokens whose K/V are in the draft model's cache
     text: str = ""

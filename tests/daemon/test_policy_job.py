@@ -245,31 +245,31 @@ metadata: {name: squeeze}
 spec:
   evaluate_every: 1s
   knobs:
-    kv_compression: {min: 0, max: 0.75, controller: rules}
+    spec_length: {min: 0, max: 4, controller: rules}
   rules:
-    - {name: always, when: "last(kv_usage) >= 0", then: {set: {kv_compression: 0.5}}}
+    - {name: always, when: "last(kv_usage) >= 0", then: {set: {spec_length: 2}}}
 """
     since = time.time()
     daemon.send("PUT", "/v1/control/policy", {"yaml": squeeze})
 
     def reported() -> list[dict]:
-        return [d for d in decisions(daemon, since, knob="kv_compression") if d["new_value"] is None]
+        return [d for d in decisions(daemon, since, knob="spec_length") if d["new_value"] is None]
 
-    report = wait_for(reported, "the report that kv_compression is unsupported", timeout=60)
+    report = wait_for(reported, "the report that spec_length is unsupported", timeout=60)
     runs = daemon.get("/v1/control/policy")["runs"]
     wait_for(lambda: daemon.get("/v1/control/policy")["runs"] >= runs + 2, "two more evaluations")
-    refused, once = sorted(decisions(daemon, since, knob="kv_compression"), key=lambda d: d["ts"])
-    assert (refused["outcome"], refused["new_value"]) == ("rejected", 0.5)
+    refused, once = sorted(decisions(daemon, since, knob="spec_length"), key=lambda d: d["ts"])
+    assert (refused["outcome"], refused["new_value"]) == ("rejected", 2)
     assert refused["source"] == "policy:squeeze/always"
-    assert "the engine rejected 0.5: kv_compression is not supported" in refused["reason"]
+    assert "the engine rejected 2: spec_length needs a drafter" in refused["reason"]
     assert once == report[0] and once["outcome"] == "rejected" and "does not support" in once["reason"]
-    assert daemon.get("/v1/control/policy")["unsupported"] == ["kv_compression"]
-    assert daemon.get("/v1/control/status")["knobs"]["kv_compression"] == 0.0
+    assert daemon.get("/v1/control/policy")["unsupported"] == ["spec_length"]
+    assert daemon.get("/v1/control/status")["knobs"]["spec_length"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------
-# The quality probe's schedule, against an engine stand-in whose knobs the test turns (the real engine
-# cannot change kv_compression or weight_bits yet).
+# The quality probe's schedule, against an engine stand-in whose knobs the test turns and whose probe
+# answers at once (a real probe's result depends on the model; the schedule is what is tested here).
 
 
 class ProbedEngine:

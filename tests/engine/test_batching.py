@@ -44,9 +44,9 @@ def _spy_on_steps(engine: Engine) -> list[tuple[int, int]]:
     for name in ("prefill", "decode"):
         real = getattr(runner, name)
 
-        def spy(seqs, real=real):
+        def spy(seqs, *args, real=real):
             seen.append((len(engine.scheduler.running), engine.scheduler.max_batch_size))
-            return real(seqs)
+            return real(seqs, *args)
 
         setattr(runner, name, spy)
     return seen
@@ -83,7 +83,7 @@ def test_invalid_knob_values_are_rejected_and_change_nothing(engine):
     before = engine.knobs
     for changes in ({"max_batch_size": 0}, {"max_batch_size": 33}, {"max_batch_size": 2.5},
                     {"max_batch_size": "8"}, {"max_batch_size": True}, {"no_such_knob": 1},
-                    {"spec_length": 2}, {"kv_compression": 0.5}, {"weight_bits": 3}):
+                    {"spec_length": 2}, {"kv_compression": 1.0}, {"weight_bits": 3}):
         result = engine.apply(**changes)
         (name,) = changes
         assert result[name].status == "rejected"

@@ -5,7 +5,7 @@ import torch
 
 from optd.engine import Engine, EngineConfig, EngineError, SamplingParams
 from optd.engine.loader import BUNDLED
-from optd.engine.quality import PROBE_TEXTS
+from optd.engine.probe_texts import PROBE_TEXTS
 
 
 def test_the_reference_is_the_models_distribution_as_transformers_computes_it(tmp_path):
@@ -50,7 +50,7 @@ def test_probe_between_requests_leaves_serving_alone():
 def test_a_full_cache_refuses_the_probe_clearly_and_changes_nothing():
     with Engine(EngineConfig(model="demo", num_kv_blocks=4, max_model_len=64)) as engine:
         alloc, held = engine.scheduler.allocator, []
-        engine._call(lambda: alloc.grow(held, 64))  # as if requests held every block
+        engine._call(lambda: alloc.grow(held, 4))  # as if requests held every block
         with pytest.raises(EngineError, match="KV cache is full"):
             engine.probe()
         assert alloc.num_free == 0
