@@ -11,9 +11,10 @@ pin cannot slip in between reading the pins and applying a change):
    table with its inputs, reason, source, policy and mode; the Prometheus counter by knob and outcome),
    committed once per tick, and published on the event stream as "decision".
 
-A knob the engine refuses even at its current value (spec_length without a drafter) is unsupported:
-after its first refusal it is passed to the evaluator as `unsupported`, which reports it once and skips
-it from then on.
+A knob the engine refuses even at its current value is unsupported: after its first refusal it is
+passed to the evaluator as `unsupported`, which reports it once and skips it from then on. (This engine
+turns all four knobs, and the envelope keeps spec_length at 0 without a drafter, so today nothing
+reaches it; it guards engines that lack a knob.)
 
 Without a policy nothing is scheduled and the knobs stay where config and pins put them. A policy
 becomes active at start (config `policy:` / `optd serve --policy`), by `PUT /v1/control/policy`

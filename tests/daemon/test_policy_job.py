@@ -237,36 +237,6 @@ def test_sighup_rereads_the_policy_and_keeps_the_running_one_when_it_is_invalid(
     assert daemon.get("/v1/control/policy")["origin"] == "reload"
 
 
-def test_a_knob_the_engine_cannot_turn_is_reported_once_then_left_alone(daemon):
-    squeeze = """\
-apiVersion: optd/v1
-kind: Policy
-metadata: {name: squeeze}
-spec:
-  evaluate_every: 1s
-  knobs:
-    spec_length: {min: 0, max: 4, controller: rules}
-  rules:
-    - {name: always, when: "last(kv_usage) >= 0", then: {set: {spec_length: 2}}}
-"""
-    since = time.time()
-    daemon.send("PUT", "/v1/control/policy", {"yaml": squeeze})
-
-    def reported() -> list[dict]:
-        return [d for d in decisions(daemon, since, knob="spec_length") if d["new_value"] is None]
-
-    report = wait_for(reported, "the report that spec_length is unsupported", timeout=60)
-    runs = daemon.get("/v1/control/policy")["runs"]
-    wait_for(lambda: daemon.get("/v1/control/policy")["runs"] >= runs + 2, "two more evaluations")
-    refused, once = sorted(decisions(daemon, since, knob="spec_length"), key=lambda d: d["ts"])
-    assert (refused["outcome"], refused["new_value"]) == ("rejected", 2)
-    assert refused["source"] == "policy:squeeze/always"
-    assert "the engine rejected 2: spec_length needs a drafter" in refused["reason"]
-    assert once == report[0] and once["outcome"] == "rejected" and "does not support" in once["reason"]
-    assert daemon.get("/v1/control/policy")["unsupported"] == ["spec_length"]
-    assert daemon.get("/v1/control/status")["knobs"]["spec_length"] == 0
-
-
 # ---------------------------------------------------------------------------------------------------
 # The quality probe's schedule, against an engine stand-in whose knobs the test turns and whose probe
 # answers at once (a real probe's result depends on the model; the schedule is what is tested here).
