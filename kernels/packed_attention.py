@@ -7,8 +7,16 @@ block_size-token pages. Token order is irrelevant to attention (RoPE is already 
 `packed_paged_attention_ref` is the plain-PyTorch definition (and the engine's CPU path);
 `packed_paged_attention_triton` is the GPU kernel, which dequantizes in registers and never writes a
 16-bit copy of the cache; `packed_paged_attention` picks one by device.
+
+The kernel follows paged_attention's: flash-decoding partitions of `pages_per_part` pages per (row, kv
+head), then a reduce kernel; grid and workspace from shapes only (CUDA-graph capturable). Inside a
+partition, the quantized pages come first: when they share one format (the common case) they stream in
+tiles of several pages with no branch; where the format changes, one page at a time behind a branch on
+its format. Then the 16-bit tail, exactly as paged_attention does it (bit for bit the same result on
+16-bit-only tables with 256-token partitions).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,19 +40,33 @@ except ImportError:  # the reference path must keep working without triton
 
 @dataclass(frozen=True)
 class PackedConfig:
-    pages_per_part: int  # pages per flash-decoding partition (any format: each page is block_bytes)
+    """Launch parameters of the Triton kernel (bench/kv_attention.py --sweep times alternatives)."""
+
+    pages_per_part: int  # pages per flash-decoding partition, a power of 2 (each page is block_bytes)
     num_warps: int = 4
-    num_stages: int = 3  # software pipelining depth of the quantized pages' codes (shared memory)
-    prefetch: int = 1  # 0, 1, 2: see _quant_pages
-    tile_rows: int = 64  # token rows per quantized tile: pages per tile = tile_rows // (T rounded up to 2^k)
+    num_stages: int = 3  # Triton's software pipelining depth (the 16-bit tail; codes with prefetch 0/1)
+    prefetch: int = 2  # 0, 1, 2: see _quant_pages
+    tile_rows: int = 128  # token rows per quantized tile: pages per tile = tile_rows // (T rounded up to 2^k)
     asm: bool = True  # PTX for the code -> float16 step on NVIDIA GPUs (plain Triton elsewhere)
     maxnreg: int | None = None  # a register cap per thread (more programs per SM), None: the compiler's
 
 
-def default_config(num_rows: int, max_pages: int, device: torch.device) -> PackedConfig:
-    """From shapes only (the launch must be capturable in a CUDA graph)."""
-    # TODO tuned on the H100 by bench/kv_attention.py --sweep
-    return PackedConfig(pages_per_part=16, num_warps=4)
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter: no point splitting
+
+
+def default_config(num_rows: int, num_kv_heads: int, max_pages: int, device: torch.device) -> PackedConfig:
+    """From shapes only (the launch must be capturable in a CUDA graph): partitions sized for about 8
+    programs per SM when the table is full, 8 to 64 pages each. The H100 sweep (bench/kv_attention.py
+    --sweep, Llama-3-8B shape, batch 8) found 16-bit pages best at 64 pages per partition and int4 at 8
+    to 16, so one rule for both costs up to ~10 % (16-bit at 8k, int4 at 32k). The rest from the same
+    sweep: 4 warps (8 lose 30-50 %), tiles of 128 token rows, codes and scales prefetched in registers."""
+    pages = max_pages * num_rows * num_kv_heads // (8 * _sm_count(device))
+    ppp = min(64, max(8, 1 << max(pages, 1).bit_length() - 1))
+    return PackedConfig(pages_per_part=ppp)
 
 
 def _ceil_div(a, b):
@@ -90,7 +112,8 @@ def packed_paged_attention_ref(
             k[sel, : cap[f]] = kf
             v[sel, : cap[f]] = vf
     ntok = torch.minimum(ntok, torch.tensor([cap[f] for f in fmts], device=q.device)[fmt.clamp(0, 2)])
-    ntok = torch.where((fmt >= 0) & (fmt <= FMT_INT4), ntok, 0)  # unknown formats hold nothing
+    # Unknown formats hold nothing, nor do 16-bit pages among the quantized ones (their metadata is 0).
+    ntok = torch.where(((fmt > FMT_NATIVE) & (fmt <= FMT_INT4)) | ~quantized, ntok, 0)
     valid = (torch.arange(slots, device=q.device) < ntok[..., None]).view(num_rows, width * slots)
     k = k.view(num_rows, width * slots, num_kv_heads, head_dim)
     v = v.view(num_rows, width * slots, num_kv_heads, head_dim)
@@ -471,7 +494,7 @@ def packed_paged_attention_triton(
     if num_rows == 0:
         return out
     max_pages = block_tables.shape[1]
-    cfg = config or default_config(num_rows, max_pages, q.device)
+    cfg = config or default_config(num_rows, num_kv_heads, max_pages, q.device)
     ppp = cfg.pages_per_part
     assert ppp & (ppp - 1) == 0, f"pages_per_part {ppp} is not a power of 2"
     group = num_heads // num_kv_heads
