@@ -91,7 +91,8 @@ class ModelRunner:
         blocks, packed, tail_start = self.kv(seq)
         assert packed == tail_start == 0, "prefill starts from an empty cache"
         i = torch.arange(seq.num_tokens) - packed_tokens
-        slots = torch.tensor(blocks)[pages + i.clamp_min(0) // self.block_size] * self.block_size
+        table = torch.tensor([*blocks[pages:], self.pool.scratch_block])  # the tail, then scratch
+        slots = table[(i.clamp_min(0) // self.block_size).clamp_max(len(table) - 1)] * self.block_size
         return torch.where(i < 0, self.pool.scratch_block * self.block_size, slots + i % self.block_size)
 
     def _to_device(self, *tensors: Tensor) -> list[Tensor]:

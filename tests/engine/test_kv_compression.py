@@ -86,6 +86,14 @@ def test_the_same_memory_holds_twice_the_sequences_at_half_the_bytes():
     assert 3.0 * base <= at[0.75][0] <= 4.8 * base
 
 
+def test_a_prompt_that_fills_its_pages_exactly_leaves_an_empty_tail(demo):
+    assert demo.apply(kv_compression=0.75).ok  # int4 pages of 56 kept out of 64 tokens
+    ids = demo.tokenizer.encode(long_prompt(400, demo.tokenizer))[:128]
+    out = demo.generate([ids], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    demo.apply(kv_compression=0.0)
+    assert out.finish_reason == "length" and len(out.token_ids) == 8
+
+
 def test_stats_report_what_the_blocks_hold(demo):
     assert demo.apply(kv_compression=0.75).ok
     native = demo.pool.layout.bytes_per_token
