@@ -84,18 +84,33 @@ def check(qw, x: torch.Tensor, config: KernelConfig | None = None) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def sweep_configs(m: int, int4: bool) -> list[KernelConfig]:
+def sweep_configs(m: int, k: int, int4: bool) -> list[KernelConfig]:
+    """int4: the weight-left kernel (one or two warpgroups of 64 weight rows, sum(x) on CUDA cores or
+    through the tensor cores); both formats: the x-left tiles; at one row the CUDA-core GEMV. K splits
+    leave every program at least one K tile."""
+    out = []
+    if int4:
+        for (bn, warps), sxdot, split in itertools.product([(64, 4), (128, 8)], [False, True], [1, 2, 4, 8]):
+            out.append(KernelConfig(16, bn, 128, split, warps, 1, left=True, sxdot=sxdot))
+    for bn, stages, split in itertools.product([32, 64], [3, 4], [1, 2, 4, 8]):
+        out.append(KernelConfig(16, bn, 128, split, 4, stages))
     if m == 1:
-        grid = itertools.product([8, 16, 32, 64], [128, 256, 512], [4, 8], [1, 2, 4, 8])
-        return [KernelConfig(1, bn, bk, split, warps, 1) for bn, bk, warps, split in grid if bn * bk <= 16384]
-    grid = itertools.product([16, 32, 64], [64, 128], [4], [2, 4], [1, 2, 4, 8])
-    return [KernelConfig(16, bn, bk, split, warps, stages) for bn, bk, warps, stages, split in grid]
+        out += [KernelConfig(1, bn, bk, split, 4, 1) for bn, bk, split in
+                [(16, 512, 1), (16, 256, 1), (8, 512, 1), (8, 256, 1), (32, 512, 2), (16, 512, 2)]]
+    return [c for c in out if c.split_k == 1 or k // c.block_k >= c.split_k]
+
+
+def describe(cfg: KernelConfig) -> str:
+    kind = (" left" + (" sxdot" if cfg.sxdot else "")) if cfg.left else ""
+    tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
+    return f"{tile} s{cfg.split_k} st{cfg.num_stages} w{cfg.num_warps}{kind}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,16", help="row counts M (decode batch sizes)")
     p.add_argument("--sweep", action="store_true", help="time other tile configs too; print the best")
+    p.add_argument("--shapes", default="o_proj,qkv,gate_up,down", help="which linears, by name")
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     dtype = torch.bfloat16
@@ -105,7 +120,10 @@ def main() -> None:
     print(f"copy bandwidth (read+write): {bandwidth / 1e9:.0f} GB/s")
     g = torch.Generator(device="cuda").manual_seed(0)
     table = []
+    wanted = args.shapes.split(",")
     for name, (n, k) in SHAPES.items():
+        if name.split()[0] not in wanted:
+            continue
         w = torch.randn(n, k, generator=g, device="cuda", dtype=dtype) * 0.02
         variants = {"bf16": (w, n * k * 2), "int8": (quantize_int8(w), 0), "int4": (quantize_int4(w), 0)}
         for m in rows:
@@ -124,8 +142,8 @@ def main() -> None:
                     secs = time_calls(quant_linear_triton, copies, x)
                     cfg = default_config(m, n, k, weight, x.device)
                     if args.sweep:
-                        secs, cfg = sweep(copies, x, m, fmt == "int4", secs, cfg, name)
-                    cfg = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}"
+                        secs, cfg = sweep(copies, x, m, k, fmt == "int4", secs, cfg, name)
+                    cfg = describe(cfg)
                 del copies
                 torch.cuda.empty_cache()
                 base = base or secs
@@ -141,10 +159,11 @@ def main() -> None:
         print(f"{name:<20}{m:>4}{fmt:>8}{us:>9.1f}{gbs:>8.0f}{frac:>9.2f}{speedup:>9.2f}{err:>13.1e}  {cfg}")
 
 
-def sweep(copies: list, x: torch.Tensor, m: int, int4: bool, secs: float, cfg: KernelConfig, name: str):
+def sweep(copies: list, x: torch.Tensor, m: int, k: int, int4: bool, secs: float, cfg: KernelConfig,
+          name: str):
     """The fastest of the default and the sweep's configs (each checked against the reference first)."""
     best = (secs, cfg)
-    for c in sweep_configs(m, int4):
+    for c in sweep_configs(m, k, int4):
         try:
             if check(copies[0], x, c) > 2e-2:
                 print(f"    {c}: WRONG RESULT", flush=True)
@@ -153,11 +172,12 @@ def sweep(copies: list, x: torch.Tensor, m: int, int4: bool, secs: float, cfg: K
         except Exception as e:  # e.g. out of shared memory at this tile size: report and go on
             print(f"    {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
+        print(f"    {name} M={m} {'int4' if int4 else 'int8'} {describe(c)}: {t * 1e6:.1f} us", flush=True)
         if t < best[0]:
             best = (t, c)
     fmt = "int4" if int4 else "int8"
-    print(f"    {name} M={m} {fmt}: default {secs * 1e6:.1f} us, best {best[0] * 1e6:.1f} us with {best[1]}",
-          flush=True)
+    print(f"    {name} M={m} {fmt}: default {secs * 1e6:.1f} us, best {best[0] * 1e6:.1f} us with "
+          f"{describe(best[1])}", flush=True)
     return best
 
 

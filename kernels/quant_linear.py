@@ -4,16 +4,23 @@
 `quant_linear_triton` runs the GPU kernels; `quant_linear` picks one by device. The formats, quantizers
 and `dequantize` live in `optd.kernels.quantize` and are re-exported here.
 
-Two kernel paths, both accumulating in float32 and never materializing the dequantized weight:
-- decode (M <= 16 rows): memory-bound, so the aim is the weight bytes at copy bandwidth. One row runs
-  as a GEMV on CUDA cores (codes turned into floats by bit tricks, scales and zero points applied once
-  per group to partial sums, the next tile's bytes prefetched into registers); 2..16 rows run tl.dot
-  with the rows padded to 16. K is split across
-  programs when the output columns alone would leave the GPU underfilled; the float32 partial sums
-  are added by a second small kernel (deterministic, unlike atomics).
-- prefill (more rows): tiled tl.dot with grouped tile order for L2 reuse of the weight tiles.
-Launch grids and workspaces depend on shapes only, so every launch is capturable in a CUDA graph. No
-CUDA-only intrinsics: the same code compiles for ROCm.
+Kernels, all accumulating in float32 and never materializing the dequantized weight:
+- one row (GEMV, `_gemv_kernel`): CUDA cores. int4 codes become floats by bit tricks, scales and zero
+  points are applied once per group to partial sums; int8 products accumulate elementwise.
+- int4 at 2..16 rows, power-of-two groups (`_decode_int4_kernel`): the weight tile is the left operand
+  of the product and x^T (rows padded to 16) the right one, so on a Hopper GPU 64 weight rows run as
+  warpgroup MMAs with the weight in registers. Codes become 16-bit floats (128 + q in bf16, 1024 + q in
+  fp16) with one shift and one logic op per two codes, thanks to the word layout
+  (optd.kernels.quantize); offset and zero point are removed per group after the product:
+  scale * (sum((128 + q) x) - (128 + zero) * sum(x)).
+- x-left tiles (`_gemm_kernel`): int8 at 2..16 rows (codes converted exactly, cp.async-pipelined by
+  Triton), int4 groups of other sizes, and prefill (many rows, compute-bound: weights dequantized in
+  registers, grouped tile order for L2 reuse of the weight tiles).
+Where the output tiles alone would leave the GPU underfilled, K is split across programs; the last
+program of an output tile to finish adds the float32 partial sums in a fixed order (deterministic, one
+launch), found through a per-tile arrival counter that it resets for the next launch. Launch grids and
+workspaces depend on shapes only, so every launch is capturable in a CUDA graph. No CUDA-only
+intrinsics: the same code compiles for ROCm.
 """
 
 import functools
@@ -55,21 +62,26 @@ __all__ = [
     "quantize_int8",
 ]
 
-# Rows up to which the decode (memory-bound) path runs; beyond, the prefill tiling.
+# Rows up to which the decode (memory-bound) configs apply; beyond, the prefill tiling.
 DECODE_MAX_ROWS = 16
+# Split-K arrival counters per device: one per output tile of a launch, zero between launches.
+MAX_SPLIT_TILES = 1 << 16
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile shape and launch parameters. block_m == 1 selects the GEMV kernel (one row only)."""
+    """Tile shape and launch parameters. block_m == 1: the GEMV (one row); left: the int4 decode kernel
+    (weight as the left operand, up to block_m = 16 rows); otherwise the x-left tiles."""
 
     block_m: int
     block_n: int
     block_k: int
-    split_k: int = 1  # programs along K; their float32 partial sums are added by a second kernel
+    split_k: int = 1  # programs along K (block_m <= 16); the last one adds the partial sums
     num_warps: int = 4
     num_stages: int = 3
     swizzle: int = 1  # tile rows per group of the grouped (L2-friendly) order; 1 = row-major
+    left: bool = False
+    sxdot: bool = False  # left: sum(x) per group through the tensor cores (ones @ x^T)
 
 
 def _check(x: Tensor, qw: Int8Weight | Int4Weight) -> tuple[Tensor, int, int]:
@@ -104,180 +116,232 @@ def _sm_count(device: torch.device) -> int:
     return 1  # the interpreter: no point splitting
 
 
+_counters: dict[torch.device, Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> Tensor:
+    """The device's arrival counters. Allocated zeroed once (a launch leaves them at zero), kept for the
+    process: a CUDA graph bakes in their address. Launches that overlap on concurrent streams would
+    share them, which the engine (one stream) never does."""
+    c = _counters.get(device)
+    if c is None:
+        c = _counters[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return c
+
+
+def _int4_fast(qw: Int4Weight, block_k: int) -> bool:
+    """Tiles of block_k inputs lie inside one group: one scale and zero per weight row and tile."""
+    return _pow2(qw.group) and qw.group >= block_k
+
+
+def _fill(programs: int, tiles: int, device: torch.device, per_sm: int) -> int:
+    """A K split giving at most per_sm programs per SM (those that fit at once: no second wave), each
+    with at least one K tile."""
+    return max(1, min(per_sm * _sm_count(device) // programs, tiles, 16))
+
+
 def default_config(m: int, n: int, k: int, qw: Int8Weight | Int4Weight, device: torch.device) -> KernelConfig:
-    """Tile shapes by row count, format and dtype; split-K on the decode path where the column tiles
-    alone would give fewer than ~4 programs per SM. Not autotuned: an autotuner's first call syncs and
-    benchmarks, which must not happen while a CUDA graph is being captured. bench/quant_linear.py
-    --sweep measures alternatives. float32 tiles are smaller: its exact (non-tf32) dot runs on FMAs and
-    spills registers at the 16-bit tile sizes."""
+    """Tile shapes by row count, format and dtype, from `bench/quant_linear.py --sweep` on an H100
+    (bench/RESULTS.md); split-K on the decode paths where the output tiles alone would leave the GPU
+    underfilled. Not autotuned: an autotuner's first call syncs and benchmarks, which must not happen
+    while a CUDA graph is being captured. float32 tiles are smaller: its exact (non-tf32) dot runs on
+    FMAs and spills registers at the 16-bit tile sizes."""
     int4 = isinstance(qw, Int4Weight)
     fp32 = qw.scale.dtype == torch.float32
-    if m == 1:
-        # From `bench/quant_linear.py --sweep` on an H100 (bench/RESULTS.md): long K tiles, one stage,
-        # beat the pipelined 256-wide tiles by 10-25 % on the Llama-3-8B shapes.
-        cfg = KernelConfig(1, 16, 512, num_warps=4, num_stages=1)
-    elif m <= DECODE_MAX_ROWS:
-        block_n = 64 if int4 and not fp32 else 32
-        cfg = KernelConfig(16, block_n, 64 if fp32 else 128, num_warps=4, num_stages=4)
-    elif fp32:
-        return KernelConfig(32, 64, 32, num_warps=4, num_stages=3, swizzle=8)
-    else:
-        bm = 64 if m <= 64 else 128
-        return KernelConfig(bm, 128, 64, num_warps=4 if bm == 64 else 8, num_stages=3, swizzle=8)
-    if int4 and cfg.block_m > 1 and _pow2(qw.group) and qw.group >= 32:
-        cfg = replace(cfg, block_k=min(cfg.block_k, qw.group))  # one group per tile: the fast path
-    if m == 1 and device.type == "cuda":
-        # The sweep's winners at one row: no split up to K = 8192 (o_proj, qkv, gate_up), a split of 2
-        # with 32-wide column tiles for the long K of down_proj.
-        return replace(cfg, block_n=32, split_k=2) if k > 8192 else cfg
-    programs = -(-n // cfg.block_n)
-    tiles = -(-k // cfg.block_k)
-    return replace(cfg, split_k=max(1, min(-(-4 * _sm_count(device) // programs), tiles // 4, 16)))
+    if m > DECODE_MAX_ROWS:
+        if fp32:
+            cfg = KernelConfig(32, 64, 32, num_warps=4, num_stages=3, swizzle=8)
+        else:
+            bm = 64 if m <= 64 else 128
+            cfg = KernelConfig(bm, 128, 64, num_warps=4 if bm == 64 else 8, num_stages=3, swizzle=8)
+        if int4 and _pow2(qw.group) and qw.group >= 16:
+            cfg = replace(cfg, block_k=min(cfg.block_k, qw.group))  # one group per tile: the fast path
+        return cfg
+    grouped = int4 and _pow2(qw.group) and qw.group >= 16  # whole groups or one group per tile
+    if fp32:  # exact float32 products on FMAs: small tiles, no speed to chase
+        cfg = KernelConfig(16, 32, 32, num_stages=2)
+        return replace(cfg, block_k=min(32, qw.group)) if grouped else cfg
+    if m == 1 and (grouped or not int4):
+        # CUDA cores, long K tiles (the sweep's fastest on the Llama-3-8B shapes). int4: 16 weight rows,
+        # K split in two past K = 8192 (down_proj); int8: 8 rows by 512 inputs up to 4096 rows, else 16
+        # rows by 256.
+        if int4:
+            long_k = k > 8192
+            return KernelConfig(1, 32 if long_k else 16, 512, split_k=2 if long_k else 1, num_stages=1)
+        return KernelConfig(1, 16, 256, num_stages=1) if n > 4096 else KernelConfig(1, 8, 512, num_stages=1)
+    if grouped:  # 64 weight rows (one warpgroup) by one group
+        cfg = KernelConfig(16, 64, min(128, qw.group), num_stages=1, left=True, sxdot=True)
+        return replace(cfg, split_k=_fill(-(-n // 64), -(-k // cfg.block_k), device, 3))
+    if int4:  # other group sizes: per-element scales
+        return replace(KernelConfig(16, 32, 64), split_k=_fill(-(-n // 32), -(-k // 64), device, 4))
+    cfg = KernelConfig(16, 32, 128, num_stages=3)
+    return replace(cfg, split_k=_fill(-(-n // 32), -(-k // 128), device, 6))
 
 
 if triton is not None:
 
     @triton.jit
-    def _nibble_to_f32(v):
-        """int32 v in 0..15 -> float32, exactly: v in the mantissa of 2^23, minus 2^23. Integer to float
-        conversions run at a quarter of the FMA rate on NVIDIA GPUs; an OR and a subtract don't."""
-        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
     def _int8_to_f32(b):
-        """int8 -> float32 by the same trick: the byte's bits XOR 0x80 are b + 128, put in the mantissa of
-        2^23 (one three-input logic op), minus 2^23 + 128."""
+        """int8 -> float32 exactly: the byte's bits XOR 0x80 are b + 128, put in the mantissa of 2^23 (one
+        three-input logic op), minus 2^23 + 128. Integer to float conversions run at a quarter of the FMA
+        rate on NVIDIA GPUs; a logic op and a subtract don't."""
         return ((b.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
-    def _gemv_int4_load(
-        x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t, kend, kbend, NG, sqn, ssn, szn,
-        GROUP: tl.constexpr, GK: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        """Operands of K tile t for the grouped int4 GEMV, inputs at kend and beyond masked off (the tile
-        past a split's last one loads nothing): the code bytes, x at even and odd k, and the scales and
-        zeros of the tile's groups (GK = min(BLOCK_K, GROUP)). kbend = the bytes' end, kept a separate
-        argument so that the compiler sees it is a multiple of 16 and vectorizes the masked loads."""
-        k0 = t * BLOCK_K
-        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        bmask = nmask[:, None] & (kb < kbend)[None, :]
+    def _half(t, HALF: tl.constexpr):
+        """The low 16 bits of int32 t as the 16-bit float type (bf16, or fp16 when HALF)."""
+        return t.to(tl.int16).to(tl.float16 if HALF else tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _unpack_int4(w, orc, HALF: tl.constexpr, BN: tl.constexpr, KW: tl.constexpr):
+        """int32 words [BN, KW] -> [BN, 8 KW] 16-bit floats OFFSET + code, in k order (OFFSET = 128 for
+        bf16, 1024 for fp16: the codes land in the mantissa of that power of two). `orc` holds the
+        exponent bits in both halves; a runtime value, so that AND and OR fuse into one logic op."""
+        t0 = (w & 0x000F000F) | orc  # halves: k = 8j, 8j + 1
+        t1 = ((w >> 4) & 0x000F000F) | orc  # k = 8j + 2, 8j + 3
+        t2 = ((w >> 8) & 0x000F000F) | orc
+        t3 = ((w >> 12) & 0x000F000F) | orc
+        p0 = tl.join(_half(t0, HALF), _half(t0 >> 16, HALF))  # [BN, KW, 2 (parity)]
+        p1 = tl.join(_half(t1, HALF), _half(t1 >> 16, HALF))
+        p2 = tl.join(_half(t2, HALF), _half(t2 >> 16, HALF))
+        p3 = tl.join(_half(t3, HALF), _half(t3 >> 16, HALF))
+        q = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # [BN, KW, parity, j1, j2], pair m = 2 j1 + j2
+        # k - 8j = 2m + parity: parity innermost. Each register then holds two consecutive k, as built.
+        return tl.reshape(tl.permute(q, (0, 1, 3, 4, 2)), [BN, KW * 8])
+
+    @triton.jit
+    def _load_w(q_ptr, s_ptr, z_ptr, rn64, nmask, t, kwend, NG, sqn, ssn, szn,
+                INT4: tl.constexpr, FAST: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The weight operands of K tile t, codes at kwend (in words or bytes) and beyond masked off:
+        codes, and for the grouped int4 tiles the scale and zero of the tile's group per row."""
+        WK: tl.constexpr = BLOCK_K // 8 if INT4 else BLOCK_K  # int32 words or int8 bytes
+        kw = t * WK + tl.arange(0, WK)
         # Weights are read once per call: don't let them push x, scales and zeros out of L2.
-        b = tl.load(q_ptr + rn64[:, None] * sqn + kb[None, :], mask=bmask, other=0,
-                    eviction_policy="evict_first")
-        kk = k0 + tl.arange(0, BLOCK_K)
-        # x contiguous (vector loads), then split into even and odd k.
-        xe, xo = tl.split(tl.reshape(tl.load(x_ptr + kk, mask=kk < kend, other=0.0), [BLOCK_K // 2, 2]))
-        # The tile covers whole groups or lies inside one: k0 // GROUP is its first group.
-        g = k0 // GROUP + tl.arange(0, BLOCK_K // GK)
-        gmask = nmask[:, None] & (g < NG)[None, :]
-        s = tl.load(s_ptr + rn64[:, None] * ssn + g[None, :], mask=gmask, other=0.0)
-        z = tl.load(z_ptr + rn64[:, None] * szn + g[None, :], mask=gmask, other=0.0)
-        return b, xe, xo, s, z
+        w = tl.load(q_ptr + rn64[:, None] * sqn + kw[None, :], mask=nmask[:, None] & (kw < kwend)[None, :],
+                    other=0, eviction_policy="evict_first")
+        if INT4 and FAST:
+            g = tl.minimum((t * BLOCK_K) // GROUP, NG - 1)  # in bounds (values past the end unused)
+            s = tl.load(s_ptr + rn64 * ssn + g, mask=nmask, other=0.0)
+            z = tl.load(z_ptr + rn64 * szn + g, mask=nmask, other=0.0)
+        else:
+            s = 0.0
+            z = 0.0
+        return w, s, z
 
     @triton.jit
-    def _gemv_int4_math(b, xe, xo, s, z, GK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """[BLOCK_N] float32 contribution of one tile: sum(q * x) per group, then
-        scale * (sum(q * x) - zero * sum(x)): two multiplies per group instead of per element."""
-        TPG: tl.constexpr = BLOCK_K // GK
-        b = b.to(tl.int32)
-        xe = xe.to(tl.float32)
-        xo = xo.to(tl.float32)
-        p = _nibble_to_f32(b & 0xF) * xe[None, :] + _nibble_to_f32(b >> 4) * xo[None, :]
-        raw = tl.sum(tl.reshape(p, [BLOCK_N, TPG, GK // 2]), 2)
-        sx = tl.sum(tl.reshape(xe + xo, [TPG, GK // 2]), 1)
-        return tl.sum(s.to(tl.float32) * (raw - z.to(tl.float32) * sx[None, :]), 1)
-
-    @triton.jit
-    def _gemv_int4_gather_tile(
-        x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, k0, K, KB, sqn, ssn, szn,
-        GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        """Any group size (the fallback): per-element scale and zero. [BLOCK_N] float32."""
-        j = tl.arange(0, BLOCK_K // 2)
-        kb = k0 // 2 + j
-        bmask = nmask[:, None] & (kb < KB)[None, :]
-        b = tl.load(q_ptr + rn64[:, None] * sqn + kb[None, :], mask=bmask, other=0).to(tl.int32)
-        ke = k0 + 2 * j
-        xe = tl.load(x_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
-        ge = ke // GROUP
-        go = (ke + 1) // GROUP
-        me = nmask[:, None] & (ke < K)[None, :]
-        mo = nmask[:, None] & (ke + 1 < K)[None, :]
-        se = tl.load(s_ptr + rn64[:, None] * ssn + ge[None, :], mask=me, other=0.0).to(tl.float32)
-        ze = tl.load(z_ptr + rn64[:, None] * szn + ge[None, :], mask=me, other=0.0).to(tl.float32)
-        so = tl.load(s_ptr + rn64[:, None] * ssn + go[None, :], mask=mo, other=0.0).to(tl.float32)
-        zo = tl.load(z_ptr + rn64[:, None] * szn + go[None, :], mask=mo, other=0.0).to(tl.float32)
-        we = (_nibble_to_f32(b & 0xF) - ze) * se
-        wo = (_nibble_to_f32(b >> 4) - zo) * so
-        return tl.sum(we * xe[None, :] + wo * xo[None, :], 1)
-
-    @triton.jit
-    def _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t, kend, sqn, BLOCK_K: tl.constexpr):
+    def _load_xt(x_ptr, rm, mmask, t, kend, sxm, BLOCK_K: tl.constexpr):
+        """x^T [BLOCK_K, BLOCK_M] of K tile t, inputs at kend and beyond masked off."""
         kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = kk < kend
-        b = tl.load(q_ptr + rn64[:, None] * sqn + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0,
-                    eviction_policy="evict_first")
-        xv = tl.load(x_ptr + kk, mask=kmask, other=0.0)
-        return b, xv
+        return tl.load(x_ptr + rm[None, :] * sxm + kk[:, None], mask=mmask[None, :] & (kk < kend)[:, None],
+                       other=0.0)
 
     @triton.jit
-    def _gemv_kernel(
-        x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, KB, NG, sqn, ssn, szn, sop, tiles_per_split,
-        INT4: tl.constexpr, GROUP: tl.constexpr, GK: tl.constexpr, FAST: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        """One row of x against BLOCK_N rows of the weight, over this program's share of K.
+    def _dequant_int4_gather(w, orc, s_ptr, z_ptr, rn64, nmask, k0, K, ssn, szn, xt,
+                             OFFSET: tl.constexpr, HALF: tl.constexpr, GROUP: tl.constexpr,
+                             BN: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Any group size (the fallback): [BN, BLOCK_K] weights with per-element scale and zero, rounded
+        to the activations' dtype as the reference rounds them."""
+        v = _unpack_int4(w, orc, HALF, BN, BLOCK_K // 8).to(tl.float32)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        g = kk // GROUP
+        m = nmask[:, None] & (kk < K)[None, :]
+        s = tl.load(s_ptr + rn64[:, None] * ssn + g[None, :], mask=m, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn64[:, None] * szn + g[None, :], mask=m, other=0.0).to(tl.float32)
+        return ((v - (z + OFFSET)) * s).to(xt)
 
-        Memory-bound: the next tile's raw bytes are loaded before the current tile is computed (a
-        register prefetch; Triton pipelines only loads that feed tl.dot), so each thread keeps two
-        tiles' loads in flight."""
+    @triton.jit
+    def _mm(a, b, acc, UPCAST: tl.constexpr):
+        if UPCAST:  # the CPU interpreter would matmul bf16 as raw uint16 bits
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")  # ieee: exact float32 if x is float32
+
+    @triton.jit
+    def _store_out(acc, out_ptr, ws_ptr, cnt_ptr, offs, omask, part, pid_k, tile, split, SPLIT: tl.constexpr):
+        """The output tile, or (SPLIT) this program's float32 partial sums to the workspace; the last
+        program of the output tile to arrive adds them in split order (the same bits whichever arrives
+        last) and resets the tile's arrival counter for the next launch."""
+        if not SPLIT:
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        else:
+            tl.store(ws_ptr + pid_k * part + offs, acc, mask=omask)
+            tl.debug_barrier()  # every thread's partial issued before the arrival is published
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == split - 1:
+                total = tl.zeros(acc.shape, dtype=tl.float32)
+                for i in range(split):
+                    # .cg: from L2, where the other programs' stores are, never a stale L1 line.
+                    total += tl.load(ws_ptr + i * part + offs, mask=omask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=omask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+
+    @triton.jit
+    def _int4_group(acc, w, s, z, xv, orc, OFFSET: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr,
+                    SXDOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc [BLOCK_N, BLOCK_M] += one K tile inside one group: scale * (sum((OFFSET + q) x) -
+        (OFFSET + zero) * sum(x))."""
+        xt = xv.dtype
+        wv = _unpack_int4(w, orc, HALF, BLOCK_N, BLOCK_K // 8)  # OFFSET + q, exact
+        if xt == tl.float32:  # exact codes: no cancellation of OFFSET * sum(x) at full precision
+            raw = tl.dot(wv.to(tl.float32) - OFFSET, xv, input_precision="ieee")
+            zo = z.to(tl.float32)
+        else:
+            raw = _mm(wv, xv, tl.zeros(acc.shape, tl.float32), UPCAST)
+            zo = z.to(tl.float32) + OFFSET
+        if SXDOT and not UPCAST and xt != tl.float32:
+            # sum(x) per column on the tensor cores, already in the accumulator's layout
+            sx = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, xt), xv)
+        else:
+            sx = tl.sum(xv.to(tl.float32), 0)[None, :]
+        return acc + s.to(tl.float32)[:, None] * (raw - zo[:, None] * sx)
+
+    @triton.jit
+    def _decode_int4_kernel(
+        x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+        M, N, K, KQ, NG, sxm, sqn, ssn, szn, som, tiles_per_split, split, orc,
+        GROUP: tl.constexpr, OFFSET: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT: tl.constexpr, SXDOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K share] @ x^T [K share, BLOCK_M] over this program's
+        share of K, grouped int4 (BLOCK_K inside one group), then (SPLIT) the partial sums' fixed-order
+        reduction by the last program. The next tile's operands are loaded before the current tile is
+        used (a register prefetch)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
         nmask = rn < N
+        mmask = rm < M
         rn64 = rn.to(tl.int64)
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        kwend = tl.minimum(KQ, t1 * (BLOCK_K // 8))
         kend = tl.minimum(K, t1 * BLOCK_K)
-        kbend = tl.minimum(KB, t1 * (BLOCK_K // 2))
-        if INT4:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if FAST:
-                b, xe, xo, s, z = _gemv_int4_load(
-                    x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t0, kend, kbend, NG, sqn, ssn, szn,
-                    GROUP, GK, BLOCK_K)
-                for t in range(t0, t1):
-                    nb, nxe, nxo, ns, nz = _gemv_int4_load(
-                        x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t + 1, kend, kbend, NG, sqn, ssn, szn,
-                        GROUP, GK, BLOCK_K)
-                    acc += _gemv_int4_math(b, xe, xo, s, z, GK, BLOCK_N, BLOCK_K)
-                    b, xe, xo, s, z = nb, nxe, nxo, ns, nz
-            else:
-                for t in range(t0, t1):
-                    acc += _gemv_int4_gather_tile(
-                        x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t * BLOCK_K, K, KB, sqn, ssn, szn,
-                        GROUP, BLOCK_K)
-        else:
-            # Products accumulate elementwise; one reduction at the end, one scale per output channel.
-            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            b, xv = _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t0, kend, sqn, BLOCK_K)
-            for t in range(t0, t1):
-                nb, nxv = _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t + 1, kend, sqn, BLOCK_K)
-                acc2 += _int8_to_f32(b) * xv.to(tl.float32)[None, :]
-                b, xv = nb, nxv
-            s = tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-            acc = tl.sum(acc2, 1) * s
-        tl.store(out_ptr + pid_k * sop + rn, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        w, s, z = _load_w(q_ptr, s_ptr, z_ptr, rn64, nmask, t0, kwend, NG, sqn, ssn, szn,
+                          True, True, GROUP, BLOCK_K)
+        xv = _load_xt(x_ptr, rm, mmask, t0, kend, sxm, BLOCK_K)
+        for t in range(t0, t1):
+            nw, ns, nz = _load_w(q_ptr, s_ptr, z_ptr, rn64, nmask, t + 1, kwend, NG, sqn, ssn, szn,
+                                 True, True, GROUP, BLOCK_K)
+            nxv = _load_xt(x_ptr, rm, mmask, t + 1, kend, sxm, BLOCK_K)
+            acc = _int4_group(acc, w, s, z, xv, orc, OFFSET, HALF, UPCAST, SXDOT, BLOCK_N, BLOCK_K)
+            w, s, z, xv = nw, ns, nz, nxv
+        offs = rm[None, :] * som + rn[:, None]
+        _store_out(acc, out_ptr, ws_ptr, cnt_ptr, offs, nmask[:, None] & mmask[None, :], M * N, pid_k, pid_n,
+                   split, SPLIT)
 
     @triton.jit
     def _gemm_kernel(
-        x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KB, NG, sxm, sqn, ssn, szn, som, sop, tiles_per_split,
-        INT4: tl.constexpr, GROUP: tl.constexpr, FAST: tl.constexpr,
+        x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+        M, N, K, KQ, NG, sxm, sqn, ssn, szn, som, tiles_per_split, split, orc,
+        INT4: tl.constexpr, GROUP: tl.constexpr, FAST: tl.constexpr, OFFSET: tl.constexpr,
+        HALF: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
-        UPCAST: tl.constexpr,
     ):
-        """A BLOCK_M x BLOCK_N output tile over this program's share of K, through tl.dot."""
+        """A BLOCK_M x BLOCK_N output tile over this program's share of K through tl.dot, x the left
+        operand, weights dequantized in registers (int4 rounded to the activations' dtype, as the
+        reference rounds them; int8 codes exact, the scale applied at the end)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -302,79 +366,120 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for t in range(t0, t1):
             k0 = t * BLOCK_K
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + rm64[:, None] * sxm + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :],
+                         other=0.0)
+            w, s, z = _load_w(q_ptr, s_ptr, z_ptr, rn64, nmask, t, KQ, NG, sqn, ssn, szn,
+                              INT4, FAST, GROUP, BLOCK_K)
             if INT4:
-                # Even and odd k as two half-depth products: no interleaving of the nibbles needed.
-                j = tl.arange(0, BLOCK_K // 2)
-                kb = k0 // 2 + j
-                b = tl.load(q_ptr + rn64[:, None] * sqn + kb[None, :],
-                            mask=nmask[:, None] & (kb < KB)[None, :], other=0).to(tl.int32)
-                ke = k0 + 2 * j
-                # x loaded contiguous (vector loads, pipelined), then split into even and odd k.
-                kk = k0 + tl.arange(0, BLOCK_K)
-                xmask = mmask[:, None] & (kk < K)[None, :]
-                xv = tl.load(x_ptr + rm64[:, None] * sxm + kk[None, :], mask=xmask, other=0.0)
-                xe, xo = tl.split(tl.reshape(xv, [BLOCK_M, BLOCK_K // 2, 2]))
-                if UPCAST:  # the CPU interpreter would matmul bf16 as raw uint16 bits
-                    xe = xe.to(tl.float32)
-                    xo = xo.to(tl.float32)
                 if FAST:  # the tile lies inside one group: one scale and zero per weight row
-                    g = k0 // GROUP  # < NG: the tile starts inside K
-                    s = tl.load(s_ptr + rn64 * ssn + g, mask=nmask, other=0.0).to(tl.float32)
-                    z = tl.load(z_ptr + rn64 * szn + g, mask=nmask, other=0.0).to(tl.float32)
-                    if BLOCK_M <= 16:
-                        # Few rows (memory-bound): the codes, exact in any float type, go through the
-                        # dot as they are; scale * (sum(q * x) - zero * sum(x)) per output afterwards.
-                        lo = _nibble_to_f32(b & 0xF).to(xe.dtype)
-                        hi = _nibble_to_f32(b >> 4).to(xe.dtype)
-                        raw = tl.dot(xe, tl.trans(lo), input_precision="ieee")
-                        raw = tl.dot(xo, tl.trans(hi), raw, input_precision="ieee")
-                        sx = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)
-                        acc += s[None, :] * (raw - sx[:, None] * z[None, :])
-                    else:
-                        # Many rows (compute-bound): dequantize the tile once, accumulate in place (a
-                        # second accumulator tile would spill registers).
-                        we = ((_nibble_to_f32(b & 0xF) - z[:, None]) * s[:, None]).to(xt).to(xe.dtype)
-                        wo = ((_nibble_to_f32(b >> 4) - z[:, None]) * s[:, None]).to(xt).to(xe.dtype)
-                        acc = tl.dot(xe, tl.trans(we), acc, input_precision="ieee")
-                        acc = tl.dot(xo, tl.trans(wo), acc, input_precision="ieee")
+                    v = _unpack_int4(w, orc, HALF, BLOCK_N, BLOCK_K // 8).to(tl.float32)
+                    zo = z.to(tl.float32) + OFFSET
+                    wd = ((v - zo[:, None]) * s.to(tl.float32)[:, None]).to(xt)
                 else:
-                    ge = ke // GROUP
-                    go = (ke + 1) // GROUP
-                    me = nmask[:, None] & (ke < K)[None, :]
-                    mo = nmask[:, None] & (ke + 1 < K)[None, :]
-                    se = tl.load(s_ptr + rn64[:, None] * ssn + ge[None, :], mask=me, other=0.0).to(tl.float32)
-                    ze = tl.load(z_ptr + rn64[:, None] * szn + ge[None, :], mask=me, other=0.0).to(tl.float32)
-                    so = tl.load(s_ptr + rn64[:, None] * ssn + go[None, :], mask=mo, other=0.0).to(tl.float32)
-                    zo = tl.load(z_ptr + rn64[:, None] * szn + go[None, :], mask=mo, other=0.0).to(tl.float32)
-                    # Dequantized weights rounded to the activations' dtype, as the reference rounds them.
-                    we = ((_nibble_to_f32(b & 0xF) - ze) * se).to(xt).to(xe.dtype)
-                    wo = ((_nibble_to_f32(b >> 4) - zo) * so).to(xt).to(xe.dtype)
-                    acc = tl.dot(xe, tl.trans(we), acc, input_precision="ieee")
-                    acc = tl.dot(xo, tl.trans(wo), acc, input_precision="ieee")
+                    wd = _dequant_int4_gather(w, orc, s_ptr, z_ptr, rn64, nmask, k0, K, ssn, szn, xt,
+                                              OFFSET, HALF, GROUP, BLOCK_N, BLOCK_K)
             else:
-                kk = k0 + tl.arange(0, BLOCK_K)
-                kmask = kk < K
-                xv = tl.load(x_ptr + rm64[:, None] * sxm + kk[None, :], mask=mmask[:, None] & kmask[None, :],
-                             other=0.0)
-                b = tl.load(q_ptr + rn64[:, None] * sqn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
-                            other=0)
-                if UPCAST:
-                    xv = xv.to(tl.float32)
-                acc = tl.dot(xv, tl.trans(_int8_to_f32(b).to(xv.dtype)), acc, input_precision="ieee")  # exact
+                wd = _int8_to_f32(w).to(xt)  # exact
+            acc = _mm(xv, tl.trans(wd), acc, UPCAST)
         if not INT4:
-            s = tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-            acc = acc * s[None, :]
-        o = out_ptr + pid_k * sop + rm64[:, None] * som + rn[None, :]
-        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+            acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        offs = rm64[:, None] * som + rn[None, :]
+        _store_out(acc, out_ptr, ws_ptr, cnt_ptr, offs, mmask[:, None] & nmask[None, :], M * N, pid_k, pid,
+                   split, SPLIT)
 
     @triton.jit
-    def _splitk_reduce_kernel(p_ptr, out_ptr, numel, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = off < numel
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in tl.static_range(SPLIT):
-            acc += tl.load(p_ptr + i * numel + off, mask=mask, other=0.0)
-        tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    def _nibble_to_f32(v):
+        """int32 v in 0..15 -> float32, exactly: v in the mantissa of 2^23, minus 2^23. Integer to float
+        conversions run at a quarter of the FMA rate on NVIDIA GPUs; an OR and a subtract don't."""
+        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _gemv_int4_load(x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t, kend, kbend, NG, sqn, ssn, szn,
+                        GROUP: tl.constexpr, GK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Operands of K tile t for the int4 GEMV, inputs at kend and beyond masked off (the tile past a
+        split's last one loads nothing): the code bytes (the words' bytes in memory order: byte 4j + 2p + b
+        of a row holds k = 8j + 4b + p in its low nibble and k + 2 in its high one), x at those k, and the
+        scales and zeros of the tile's groups (GK = min(BLOCK_K, GROUP)). kbend = the bytes' end, a
+        separate argument so that the compiler sees it is a multiple of 16 and vectorizes the masked
+        loads."""
+        k0 = t * BLOCK_K
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        # Weights are read once per call: don't let them push x, scales and zeros out of L2.
+        bmask = nmask[:, None] & (kb < kbend)[None, :]
+        b = tl.load(q_ptr + rn64[:, None] * sqn + kb[None, :], mask=bmask, other=0,
+                    eviction_policy="evict_first")
+        # x contiguous (vector loads), then k = 8j + 4b + 2h + p to byte 4j + 2p + b, nibble h.
+        kk = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.reshape(tl.load(x_ptr + kk, mask=kk < kend, other=0.0), [BLOCK_K // 8, 2, 2, 2])
+        xlo, xhi = tl.split(tl.reshape(tl.permute(xv, (0, 3, 1, 2)), [BLOCK_K // 2, 2]))
+        # The tile covers whole groups or lies inside one: k0 // GROUP is its first group.
+        g = k0 // GROUP + tl.arange(0, BLOCK_K // GK)
+        gmask = nmask[:, None] & (g < NG)[None, :]
+        s = tl.load(s_ptr + rn64[:, None] * ssn + g[None, :], mask=gmask, other=0.0)
+        z = tl.load(z_ptr + rn64[:, None] * szn + g[None, :], mask=gmask, other=0.0)
+        return b, xlo, xhi, s, z
+
+    @triton.jit
+    def _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t, kend, sqn, BLOCK_K: tl.constexpr):
+        kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = kk < kend
+        b = tl.load(q_ptr + rn64[:, None] * sqn + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0,
+                    eviction_policy="evict_first")
+        return b, tl.load(x_ptr + kk, mask=kmask, other=0.0)
+
+    @triton.jit
+    def _gemv_int4_math(b, xlo, xhi, s, z, GK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """[BLOCK_N] float32 contribution of one tile: sum(q * x) per group, then
+        scale * (sum(q * x) - zero * sum(x)): two multiplies per group instead of per element."""
+        TPG: tl.constexpr = BLOCK_K // GK
+        b = b.to(tl.int32)
+        xlo = xlo.to(tl.float32)
+        xhi = xhi.to(tl.float32)
+        p = _nibble_to_f32(b & 0xF) * xlo[None, :] + _nibble_to_f32(b >> 4) * xhi[None, :]
+        raw = tl.sum(tl.reshape(p, [BLOCK_N, TPG, GK // 2]), 2)
+        sx = tl.sum(tl.reshape(xlo + xhi, [TPG, GK // 2]), 1)
+        return tl.sum(s.to(tl.float32) * (raw - z.to(tl.float32) * sx[None, :]), 1)
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, KB, NG, sqn, ssn, szn, tiles_per_split,
+        split, INT4: tl.constexpr, GROUP: tl.constexpr, GK: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One row of x against BLOCK_N weight rows on CUDA cores, over this program's share of K. int4:
+        codes turned into floats by bit tricks, scales and zero points applied once per group to partial
+        sums; int8: products accumulate elementwise, one reduction and one scale per output channel at
+        the end. The next tile's bytes are loaded before the current tile is computed (a register
+        prefetch; Triton pipelines only loads that feed tl.dot)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rn64 = rn.to(tl.int64)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        kend = tl.minimum(K, t1 * BLOCK_K)
+        kbend = tl.minimum(KB, t1 * (BLOCK_K // 2))
+        if INT4:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            b, xlo, xhi, s, z = _gemv_int4_load(x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t0, kend, kbend, NG,
+                                                sqn, ssn, szn, GROUP, GK, BLOCK_K)
+            for t in range(t0, t1):
+                nb, nxlo, nxhi, ns, nz = _gemv_int4_load(x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t + 1, kend,
+                                                         kbend, NG, sqn, ssn, szn, GROUP, GK, BLOCK_K)
+                acc += _gemv_int4_math(b, xlo, xhi, s, z, GK, BLOCK_N, BLOCK_K)
+                b, xlo, xhi, s, z = nb, nxlo, nxhi, ns, nz
+        else:
+            # Products accumulate elementwise; one reduction at the end, one scale per output channel.
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            b, xv = _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t0, kend, sqn, BLOCK_K)
+            for t in range(t0, t1):
+                nb, nxv = _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t + 1, kend, sqn, BLOCK_K)
+                acc2 += _int8_to_f32(b) * xv.to(tl.float32)[None, :]
+                b, xv = nb, nxv
+            acc = tl.sum(acc2, 1) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        _store_out(acc, out_ptr, ws_ptr, cnt_ptr, rn, nmask, N, pid_k, pid_n, split, SPLIT)
 
 
 def _check_config(cfg: KernelConfig, m: int, int4: bool) -> None:
@@ -382,11 +487,20 @@ def _check_config(cfg: KernelConfig, m: int, int4: bool) -> None:
         assert _pow2(getattr(cfg, name)), f"{name} {getattr(cfg, name)} is not a power of 2"
     assert cfg.split_k >= 1 and cfg.swizzle >= 1, f"split_k and swizzle must be >= 1: {cfg}"
     if cfg.block_m == 1:
-        assert m == 1, f"the GEMV kernel (block_m 1) takes one row, got {m}"
-        assert cfg.block_k >= 2, "block_k must cover a byte of int4 codes"
-    else:  # tl.dot wants every dimension >= 16
-        depth = cfg.block_k // 2 if int4 else cfg.block_k
-        assert cfg.block_m >= 16 and cfg.block_n >= 16 and depth >= 16, f"tile too small for tl.dot: {cfg}"
+        assert m == 1 and not cfg.left, f"the GEMV (block_m 1) takes one row: {cfg}"
+        return
+    # tl.dot wants every dimension >= 16; int4 tiles are whole words.
+    assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16, f"tile too small for tl.dot: {cfg}"
+    if cfg.block_m > DECODE_MAX_ROWS:
+        assert cfg.split_k == 1 and not cfg.left, f"the prefill tiles neither split K nor go left: {cfg}"
+    if cfg.left:
+        assert m <= cfg.block_m and int4, f"the left kernel takes up to block_m rows of int4: {cfg}"
+
+
+# int4 codes as 16-bit floats (float32 x takes the bf16 ones): the exponent bits in both halves of a
+# word, and the power of two they encode.
+_MAGIC = {torch.float16: (0x64006400, 1024.0), torch.bfloat16: (0x43004300, 128.0),
+          torch.float32: (0x43004300, 128.0)}
 
 
 def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelConfig | None = None) -> Tensor:
@@ -401,38 +515,42 @@ def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelCo
     _check_config(cfg, m, int4)
     q, s = qw.q, qw.scale
     assert q.stride(-1) == 1 and s.stride(-1) == 1, "codes and scales must be contiguous along K"
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     z = qw.zero if int4 else s  # int8: unused placeholder
     group = qw.group if int4 else 1
-    kb = q.shape[1]
-    ng = s.shape[1] if int4 else 1
-    # Grouped int4 fast paths: the GEMV takes tiles spanning whole power-of-two groups or lying inside
-    # one; the dot kernel takes tiles inside one group. Other group sizes gather per element.
-    fast = _pow2(group) and group >= (2 if cfg.block_m == 1 else cfg.block_k)
+    ng, ss, sz = (s.shape[1], s.stride(0), z.stride(0)) if int4 else (1, 0, 0)
     # Whole K tiles per split; drop splits that would get none (shapes only: capturable).
     tiles = triton.cdiv(k, cfg.block_k)
     per_split = triton.cdiv(tiles, min(cfg.split_k, tiles))
     split = triton.cdiv(tiles, per_split)
-    dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    sop = 0 if split == 1 else m * n
-    sz = z.stride(0) if int4 else 0
-    ss = s.stride(0) if int4 else 0
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    out_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    assert split == 1 or out_tiles <= MAX_SPLIT_TILES, f"{out_tiles} output tiles to split: use larger tiles"
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    cnt = _split_counters(x.device) if split > 1 else out
     if cfg.block_m == 1:
-        _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-            x2, q, s, z, dst, n, k, kb, ng, q.stride(0), ss, sz, sop, per_split,
-            INT4=int4, GROUP=group, GK=min(group, cfg.block_k), FAST=fast, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, **launch,
+        # int4 tiles cover whole groups or lie inside one, of whole words (8 codes).
+        assert not int4 or (_pow2(group) and group >= 8 and cfg.block_k >= 8), \
+            f"the GEMV takes int4 groups of a power of two >= 8 and block_k >= 8: group {group}, {cfg}"
+        gk = min(group, cfg.block_k)
+        qb = q.view(torch.uint8) if int4 else q  # int4: the words' bytes
+        _gemv_kernel[(out_tiles, split)](
+            x2, qb, s, z, out, ws, cnt, n, k, qb.shape[1], ng, qb.stride(0), ss, sz, per_split, split,
+            INT4=int4, GROUP=group, GK=gk, SPLIT=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            **launch,
         )
+        return out.view(*x.shape[:-1], n)
+    fast = int4 and _int4_fast(qw, cfg.block_k)
+    assert fast or not cfg.left, f"the left kernel takes groups of a power of two >= block_k: {cfg}"
+    orc, offset = _MAGIC[x.dtype]
+    args = (x2, q, s, z, out, ws, cnt, m, n, k, q.shape[1], ng, x2.stride(0), q.stride(0), ss, sz, n,
+            per_split, split, orc)
+    common = dict(GROUP=group, OFFSET=offset, HALF=x.dtype == torch.float16,
+                  UPCAST=x.device.type == "cpu" and x.dtype != torch.float32, SPLIT=split > 1,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch)
+    if cfg.left:
+        _decode_int4_kernel[(out_tiles, split)](*args, SXDOT=cfg.sxdot, **common)
     else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-        _gemm_kernel[grid](
-            x2, q, s, z, dst, m, n, k, kb, ng, x2.stride(0), q.stride(0), ss, sz, n, sop, per_split,
-            INT4=int4, GROUP=group, FAST=fast, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SWIZZLE=cfg.swizzle, UPCAST=x.device.type == "cpu" and x.dtype != torch.float32, **launch,
-        )
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](dst, out, m * n, SPLIT=split, BLOCK=block)
+        _gemm_kernel[(out_tiles, split)](*args, INT4=int4, FAST=fast, SWIZZLE=cfg.swizzle, **common)
     return out.view(*x.shape[:-1], n)
 
 

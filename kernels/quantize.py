@@ -6,8 +6,13 @@ temporaries stay a few times 64 MiB whatever the layer size. No host syncs.
 
 - `Int8Weight`: symmetric, one scale per output channel: w ≈ q * scale[:, None], q in -127..127.
 - `Int4Weight`: asymmetric, one (scale, zero) per `group` consecutive inputs of a row:
-  w ≈ (q - zero) * scale, q in 0..15, two codes per byte (even k in the low nibble, odd k in the high).
-  The last group of a row may be shorter (ragged K), K may be odd (the last byte's high nibble is 0).
+  w ≈ (q - zero) * scale, q in 0..15, eight codes per int32 word. The last group of a row may be
+  shorter (ragged K), K may be any size (codes past K are 0 up to the word's end).
+
+The int4 word layout is chosen for the GPU kernels: word j of a row holds k = 8j..8j+7 with k = 8j + 2m
+in bits 4m..4m+3 and k = 8j + 2m + 1 in bits 16+4m..19+4m (m = 0..3). So `(word >> 4m) & 0x000F000F`
+puts the codes of two consecutive k in the two 16-bit halves of a register: OR'd with a 16-bit float's
+exponent bits they are that float plus the code, two operands of a matrix product per two integer ops.
 
 Round-to-nearest error bound (with the scale as stored): |w - dequantized| <= scale / 2 per element,
 before the dequantized value is rounded to a 16-bit dtype. Stored scales are rounded *up* to their
@@ -39,7 +44,7 @@ class Int8Weight:
 class Int4Weight:
     """Asymmetric, group-wise along K: w ≈ (q - zero) * scale, q in 0..15."""
 
-    q: Tensor  # uint8 [N, ceil(K/2)]: even k in the low nibble, odd k in the high
+    q: Tensor  # int32 [N, ceil(K/8)]: eight codes per word, in the order the module docstring gives
     scale: Tensor  # [N, ceil(K/group)]
     zero: Tensor  # [N, ceil(K/group)], scale's dtype; integral unless refined
     k: int  # the unpacked K
@@ -111,7 +116,7 @@ def quantize_int4(w: Tensor, group: int = INT4_GROUP, refine_steps: int = 0) -> 
     n, k = w.shape
     ng = -(-k // group)
     kp = ng * group
-    q = torch.empty(n, -(-k // 2), dtype=torch.uint8, device=w.device)
+    q = torch.empty(n, -(-k // 8), dtype=torch.int32, device=w.device)
     scale = torch.empty(n, ng, dtype=w.dtype, device=w.device)
     zero = torch.empty(n, ng, dtype=w.dtype, device=w.device)
     # 1 where a group position holds a real input (the ragged last group is padded with zeros).
@@ -169,17 +174,21 @@ def _refine(
 
 
 def _pack(codes: Tensor) -> Tensor:
-    """[n, k] codes 0..15 (float) -> uint8 [n, ceil(k/2)]: even k low nibble, odd k high nibble (0 past k)."""
+    """[n, k] codes 0..15 (float) -> int32 [n, ceil(k/8)] in the word layout (codes past k are 0)."""
     u = codes.to(torch.uint8)
-    if u.shape[1] % 2:
-        u = F.pad(u, (0, 1))
-    return u[:, 0::2] | (u[:, 1::2] << 4)
+    u = F.pad(u, (0, -u.shape[1] % 8)).view(u.shape[0], -1, 4, 2)  # [n, words, m, k parity]
+    # Byte b of a word (little-endian) holds bits 8b..8b+7: codes (m, parity) = (2b', p) and (2b'+1, p)
+    # with b = 2p + b'; low nibble first.
+    lo, hi = u[:, :, 0::2], u[:, :, 1::2]  # m = 0, 2 and m = 1, 3: [n, words, 2, 2]
+    b = (lo | (hi << 4)).transpose(2, 3)  # [n, words, parity, b']: bytes in memory order
+    return b.reshape(u.shape[0], -1).view(torch.int32)
 
 
 def unpack_int4(qw: Int4Weight) -> Tensor:
     """The codes as uint8 [N, K], in k order."""
-    q = qw.q
-    return torch.stack((q & 0xF, q >> 4), dim=-1).view(q.shape[0], -1)[:, : qw.k]
+    b = qw.q.view(torch.uint8).view(qw.q.shape[0], -1, 2, 2)  # [n, words, parity, b']
+    m = torch.stack((b & 0xF, b >> 4), dim=-1)  # [n, words, parity, b', nibble]: m = 2b' + nibble
+    return m.flatten(3).transpose(2, 3).reshape(qw.q.shape[0], -1)[:, : qw.k]
 
 
 def dequantize(qw: Int8Weight | Int4Weight) -> Tensor:

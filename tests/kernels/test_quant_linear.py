@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -50,6 +51,13 @@ def weight(n, k, dtype, seed):
     return w.to(dtype)
 
 
+def code_at(words: list[int], k: int) -> int:
+    """Code k of a row from the documented word layout: word k // 8; k = 8j + 2m + parity sits at bit
+    4m + 16 parity."""
+    r = k % 8
+    return ((words[k // 8] & 0xFFFFFFFF) >> (4 * (r // 2) + 16 * (r % 2))) & 0xF
+
+
 def naive_dequant_int4(qw: Int4Weight) -> torch.Tensor:
     """Element by element from the documented layout, independent of the module's unpacking."""
     n = qw.q.shape[0]
@@ -57,9 +65,7 @@ def naive_dequant_int4(qw: Int4Weight) -> torch.Tensor:
     q, s, z = qw.q.tolist(), qw.scale.float().tolist(), qw.zero.float().tolist()
     for i in range(n):
         for k in range(qw.k):
-            byte = q[i][k // 2]
-            code = byte & 0xF if k % 2 == 0 else byte >> 4
-            out[i, k] = (code - z[i][k // qw.group]) * s[i][k // qw.group]
+            out[i, k] = (code_at(q[i], k) - z[i][k // qw.group]) * s[i][k // qw.group]
     return out
 
 
@@ -104,12 +110,12 @@ def test_int4_error_within_bound(shape, dtype):
     qw = quantize_int4(w, group=group)
     ng = -(-k // group)
     assert isinstance(qw, Int4Weight) and qw.k == k and qw.group == group
-    assert qw.q.dtype == torch.uint8 and qw.q.shape == (n, -(-k // 2))
+    assert qw.q.dtype == torch.int32 and qw.q.shape == (n, -(-k // 8))
     assert qw.scale.shape == qw.zero.shape == (n, ng) and qw.scale.dtype == qw.zero.dtype == dtype
     z = qw.zero.float()
     assert torch.equal(z, z.round()) and float(z.min()) >= 0 and float(z.max()) <= 15, "RTN zeros are codes"
-    if k % 2:
-        assert bool((qw.q[:, -1] >> 4 == 0).all()), "the high nibble past an odd K must be 0"
+    rows = qw.q.tolist()
+    assert all(code_at(r, kk) == 0 for r in rows for kk in range(k, 8 * qw.q.shape[1])), "codes past K are 0"
 
     recon = naive_dequant_int4(qw)
     gidx = torch.arange(k) // group
@@ -150,7 +156,9 @@ def test_int4_refinement_lowers_error(k, dtype):
 
 def dequant_f32(qw: Int4Weight) -> torch.Tensor:
     """naive_dequant_int4 vectorized (same layout, shifts instead of a loop): for larger weights."""
-    codes = torch.stack((qw.q & 0xF, qw.q >> 4), -1).view(qw.q.shape[0], -1)[:, : qw.k].float()
+    r = torch.arange(8)
+    shifts = 4 * (r // 2) + 16 * (r % 2)
+    codes = ((qw.q.long()[:, :, None] >> shifts) & 0xF).view(qw.q.shape[0], -1)[:, : qw.k].float()
     g = torch.arange(qw.k) // qw.group
     return (codes - qw.zero.float()[:, g]) * qw.scale.float()[:, g]
 
@@ -224,14 +232,21 @@ def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, x: torch.Tenso
 
 
 # (rows M, out N, in K, group, config or None for the default): covers the GEMV (block_m 1) with
-# whole-group and in-group tiles, split K, the decode dot path (block_m 16), the prefill path (block_m
-# > 16, dequantize-then-dot), ragged last groups, odd K and group sizes that are not powers of two.
+# whole-group and in-group tiles and split K, the int4 weight-left kernel (left; int8 runs those cases
+# on the x-left tiles) and the x-left decode tiles (block_m 16) with split K (the last program adds the
+# partial sums), the prefill path (block_m > 16), ragged last groups, K not a multiple of 8 (a partial
+# last word), group sizes that are not powers of two (a word's codes in two groups) and ragged last
+# column tiles.
 CASES = [
     (1, 40, 300, 128, None),
     (1, 40, 600, 128, KernelConfig(1, 16, 256, split_k=2)),
     (1, 24, 77, 32, KernelConfig(1, 16, 64, split_k=2)),
-    (1, 24, 100, 48, KernelConfig(1, 16, 64)),
-    (1, 24, 77, 25, KernelConfig(1, 16, 32)),  # an odd group: a byte's two codes in different groups
+    (1, 24, 100, 16, KernelConfig(1, 8, 32)),
+    (1, 24, 100, 48, KernelConfig(16, 16, 32)),
+    (1, 24, 77, 25, KernelConfig(16, 16, 32, split_k=3)),
+    (1, 40, 600, 128, KernelConfig(16, 16, 128, split_k=2, left=True, sxdot=True)),
+    (7, 24, 77, 32, KernelConfig(16, 16, 32, split_k=2, left=True)),
+    (16, 40, 300, 64, KernelConfig(16, 32, 64, left=True, sxdot=True)),
     (5, 40, 300, 128, None),
     (16, 24, 400, 64, KernelConfig(16, 16, 64, split_k=3)),
     (3, 24, 77, 25, KernelConfig(16, 16, 64)),
@@ -240,7 +255,6 @@ CASES = [
     (20, 24, 100, 25, KernelConfig(32, 16, 64)),
     (70, 136, 264, 128, None),
 ]
-
 
 
 def case_id(c) -> str:
@@ -261,12 +275,64 @@ def test_triton_matches_reference(case, fmt, dtype):
     x = torch.randn(m, k + 3, generator=g).to(dtype)[:, :k]
     # One refinement step: fractional zero points, as the kernels must handle.
     qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, group=group, refine_steps=1)
+    if config is not None and config.left and fmt == "int8":
+        config = replace(config, left=False)  # the weight-left kernel is int4 only
     got = quant_linear_triton(x.to(DEVICE), moved(qw, DEVICE), config)
     assert_matches_ref(got.cpu(), x, qw)
 
 
 def moved(qw, device):
     return type(qw)(**{f: v.to(device) if isinstance(v, torch.Tensor) else v for f, v in vars(qw).items()})
+
+
+@needs_triton
+def test_configs_a_kernel_cannot_take_are_rejected():
+    x = torch.randn(1, 77).to(torch.bfloat16).to(DEVICE)
+    w = torch.randn(40, 77).to(torch.bfloat16)
+    with pytest.raises(AssertionError, match="GEMV takes int4 groups"):
+        quant_linear_triton(x, moved(quantize_int4(w, group=48), DEVICE), KernelConfig(1, 16, 64))
+    with pytest.raises(AssertionError, match="left kernel"):
+        quant_linear_triton(x, moved(quantize_int8(w), DEVICE), KernelConfig(16, 64, 64, left=True))
+    with pytest.raises(AssertionError, match="left kernel"):
+        quant_linear_triton(x, moved(quantize_int4(w, group=48), DEVICE), KernelConfig(16, 64, 32, left=True))
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [128, 48])
+def test_triton_float16(group):
+    """fp16 activations take other 16-bit codes (1024 + q instead of 128 + q) on the decode path."""
+    g = torch.Generator().manual_seed(16)
+    w = (torch.randn(40, 300, generator=g) * 0.05).to(torch.float16)
+    qw = quantize_int4(w, group=group, refine_steps=1)
+    for m, config in ((1, KernelConfig(16, 16, 32, split_k=2)), (3, None), (20, KernelConfig(32, 16, 32)),
+                      (2, KernelConfig(16, 16, 32, split_k=2, left=True, sxdot=True)), (1, None)):
+        if config is not None and config.left and group != 128:
+            continue  # the weight-left kernel takes power-of-two groups
+        x = torch.randn(m, 300, generator=g).to(torch.float16)
+        assert_matches_ref(quant_linear_triton(x.to(DEVICE), moved(qw, DEVICE), config).cpu(), x, qw)
+
+
+@needs_triton
+def test_split_k_is_deterministic_and_leaves_counters_at_zero():
+    """The last program of a column tile adds the partial sums in split order: the same bits every
+    call, whichever program finishes last, and the arrival counters are back at zero for the next
+    launch (a CUDA graph replays the same counters)."""
+    from optd.kernels.quant_linear import _split_counters
+
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(40, 1024, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(2, 1024, generator=g).to(torch.bfloat16).to(DEVICE)
+    qw = moved(quantize_int4(w), DEVICE)
+    configs = (KernelConfig(16, 16, 128, split_k=4), KernelConfig(16, 16, 128, split_k=4, left=True),
+               KernelConfig(1, 16, 128, split_k=4))
+    for config in configs:
+        if config.block_m == 1:
+            x = x[:1]
+        first = quant_linear_triton(x, qw, config)
+        assert not bool(_split_counters(first.device).any()), "counters left non-zero"
+        for _ in range(2):
+            assert torch.equal(quant_linear_triton(x, qw, config), first)
+        assert_matches_ref(first.cpu(), x.cpu(), quantize_int4(w))
 
 
 @needs_triton
@@ -311,23 +377,37 @@ def compile_for(target, fn, types, constexprs, num_warps):
     for name in fn.arg_names:
         if name not in constexprs:
             sig[name] = types.get(name, "i32")
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    # As the launcher specializes them: pointers and row strides divisible by 16 (vector loads).
+    strides = ("sqn", "ssn", "szn", "sxm", "som", "sop")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in sig and (sig[name].startswith("*") or name in strides)}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": 3})
 
-def ptrs(q, out="*bf16"):
-    return {"x_ptr": "*bf16", "q_ptr": q, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": out}
+def ptrs(q, x="*bf16"):
+    return {"x_ptr": x, "q_ptr": q, "s_ptr": x, "z_ptr": x, "out_ptr": x, "ws_ptr": "*fp32",
+            "cnt_ptr": "*i32"}
 
-gemv = dict(GROUP=128, GK=128, FAST=True, BLOCK_N=32, BLOCK_K=256)
-gemm = dict(GROUP=128, FAST=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SWIZZLE=1, UPCAST=False)
+common = dict(GROUP=128, OFFSET=128.0, HALF=False, UPCAST=False, SPLIT=True, BLOCK_M=16, BLOCK_N=64,
+              BLOCK_K=128)
+fp16 = dict(HALF=True, OFFSET=1024.0)
+gemm = dict(common, FAST=True, SWIZZLE=1, BLOCK_N=32)
+gemv = dict(GROUP=128, GK=128, SPLIT=True, BLOCK_N=16, BLOCK_K=512)
 cases = [
-    (QL._gemv_kernel, ptrs("*i8"), {**gemv, "INT4": False}, 4),
-    (QL._gemv_kernel, ptrs("*u8", "*fp32"), {**gemv, "INT4": True}, 4),
-    (QL._gemv_kernel, ptrs("*u8"), {**gemv, "INT4": True, "GROUP": 48, "GK": 48, "FAST": False}, 4),
+    (QL._decode_int4_kernel, ptrs("*i32"), {**common, "SXDOT": True}, 4),
+    (QL._decode_int4_kernel, ptrs("*i32", "*fp16"), {**common, **fp16, "SXDOT": False}, 4),
+    (QL._decode_int4_kernel, ptrs("*i32", "*fp32"), {**common, "SXDOT": False, "SPLIT": False, "BLOCK_K": 32},
+     4),
     (QL._gemm_kernel, ptrs("*i8"), {**gemm, "INT4": False}, 4),
-    (QL._gemm_kernel, ptrs("*u8", "*fp32"), {**gemm, "INT4": True}, 4),
-    (QL._gemm_kernel, ptrs("*u8"), {**gemm, "INT4": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8),
-    (QL._gemm_kernel, ptrs("*u8"), {**gemm, "INT4": True, "GROUP": 48, "FAST": False, "BLOCK_M": 64}, 4),
-    (QL._splitk_reduce_kernel, {"p_ptr": "*fp32", "out_ptr": "*bf16"}, {"SPLIT": 3, "BLOCK": 1024}, 4),
+    (QL._gemm_kernel, ptrs("*i32", "*fp16"), {**gemm, **fp16, "INT4": True}, 4),
+    (QL._gemm_kernel, ptrs("*i32"), {**gemm, "INT4": True, "GROUP": 48, "FAST": False, "BLOCK_K": 64}, 4),
+    (QL._gemm_kernel, ptrs("*i8"), {**gemm, "INT4": False, "SPLIT": False, "BLOCK_M": 128, "BLOCK_N": 128,
+                                    "BLOCK_K": 64, "SWIZZLE": 8}, 8),
+    (QL._gemm_kernel, ptrs("*i32"), {**gemm, "INT4": True, "SPLIT": False, "BLOCK_M": 128, "BLOCK_N": 128,
+                                     "BLOCK_K": 64, "SWIZZLE": 8}, 8),
+    (QL._gemv_kernel, ptrs("*u8"), {**gemv, "INT4": True}, 4),
+    (QL._gemv_kernel, ptrs("*u8"), {**gemv, "INT4": True, "GK": 32, "GROUP": 32, "SPLIT": False}, 4),
+    (QL._gemv_kernel, ptrs("*i8"), {**gemv, "INT4": False, "GROUP": 1, "GK": 1, "BLOCK_N": 8}, 4),
 ]
 for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx942", 64)):
     for fn, types, constexprs, warps in cases:
