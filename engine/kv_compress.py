@@ -72,7 +72,9 @@ class KVCompressor:
                 break
             specs.append(spec)
             take, pages, tokens = take + spec.group, pages + 1, tokens + spec.group
-        return specs, take
+        # Token order is irrelevant to attention: pages of one format together pack in one call and
+        # stream through the kernel without a branch per page.
+        return sorted(specs, key=lambda s: s.fmt), take
 
     def prefill_blocks(self, seq: Sequence) -> int:
         """Blocks a (re)admitted sequence's prefill fills: its packed pages plus the native tail."""
