@@ -47,6 +47,34 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
     return 2 * nbytes / statistics.median(times)  # read + write
 
 
+def graph_seconds(call, calls: int, reps: int = 10) -> float:
+    """Seconds per call of call(i), i in range(calls), from replays of one CUDA graph holding all the
+    calls (no launch gaps from Python; the engine's decode steps are graphs too). Callers cycle over
+    enough copies of their inputs that the data comes from DRAM, as in a decode step."""
+    for i in range(2):  # compile / warm up outside the capture
+        call(i)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for i in range(calls):
+            call(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
 def write_checkpoint(folder: Path, config: dict, seed: int) -> None:
     """Random bf16 weights in Hugging Face names, one shard per few layers, with an index."""
     g = torch.Generator(device="cuda").manual_seed(seed)

@@ -18,12 +18,11 @@ layer's pages once, from DRAM). Each kernel is checked against its reference fir
 import argparse
 import itertools
 import math
-import statistics
 import time
 from dataclasses import replace
 
 import torch
-from decode import copy_bandwidth
+from decode import copy_bandwidth, graph_seconds
 
 from optd.kernels import packed_attention as pa
 from optd.kernels.kv_pages import FMT_INT4, FMT_INT8, FMT_NATIVE, encode_meta, pack_pages, tokens_per_page
@@ -42,29 +41,8 @@ FORMATS = {"native": FMT_NATIVE, "int8": FMT_INT8, "int4": FMT_INT4}
 
 
 def time_calls(fn, tables: list, reps: int = 10) -> float:
-    """Seconds per call of fn(block_tables), cycling over `tables`, from CUDA graph replays."""
-    for t in tables[:2]:  # compile / warm up outside the capture
-        fn(t)
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        for i in range(CALLS_PER_GRAPH):
-            fn(tables[i % len(tables)])
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / CALLS_PER_GRAPH)
-    del graph
-    return statistics.median(times)
+    """Seconds per call of fn(block_tables), cycling over `tables`."""
+    return graph_seconds(lambda i: fn(tables[i % len(tables)]), CALLS_PER_GRAPH, reps)
 
 
 class Case:

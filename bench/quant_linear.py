@@ -15,11 +15,10 @@ checked against quant_linear_ref on the same inputs. The table comes last.
 import argparse
 import itertools
 import math
-import statistics
 
 import torch
 import torch.nn.functional as F
-from decode import copy_bandwidth
+from decode import copy_bandwidth, graph_seconds
 
 from optd.kernels.quant_linear import (
     KernelConfig,
@@ -41,30 +40,8 @@ CALLS_PER_GRAPH = 64
 
 
 def time_calls(fn, weights: list, x: torch.Tensor, reps: int = 10) -> float:
-    """Seconds per call of fn(x, w), cycling over `weights`, from CUDA graph replays (no launch gaps
-    from Python; the engine's decode steps are graphs too)."""
-    for w in weights[:2]:  # compile / warm up outside the capture
-        fn(x, w)
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        for i in range(CALLS_PER_GRAPH):
-            fn(x, weights[i % len(weights)])
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / CALLS_PER_GRAPH)
-    del graph
-    return statistics.median(times)
+    """Seconds per call of fn(x, w), cycling over `weights`."""
+    return graph_seconds(lambda i: fn(x, weights[i % len(weights)]), CALLS_PER_GRAPH, reps)
 
 
 def copies_for(nbytes: int) -> int:
