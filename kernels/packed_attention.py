@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optd.kernels import paged_attention as paged
 from optd.kernels.kv_pages import (
     FMT_INT4,
     FMT_INT8,
@@ -437,37 +438,6 @@ if triton is not None:
             tl.store(l_ptr + row, l, mask=hmask)
             tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=hmask[:, None])
 
-    @triton.jit
-    def _reduce_kernel(
-        m_ptr, l_ptr, acc_ptr, packed_ptr, tail_ptr, out_ptr, so0, so1, num_heads, num_parts,
-        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PPP: tl.constexpr, CHUNK: tl.constexpr,
-    ):
-        r = tl.program_id(0)
-        h = tl.program_id(1)
-        num_pages = tl.load(packed_ptr + r) + tl.cdiv(tl.load(tail_ptr + r), BLOCK_SIZE)
-        n_valid = tl.cdiv(num_pages, PPP)
-        base = (r.to(tl.int64) * num_heads + h) * num_parts
-        d = tl.arange(0, HEAD_DIM)
-        m = tl.full([], float("-inf"), tl.float32)
-        l = tl.zeros([], tl.float32)
-        acc = tl.zeros([HEAD_DIM], tl.float32)
-        # Online rescaling over chunks of partitions, so long contexts never need a huge register tile.
-        for c in range(0, n_valid, CHUNK):
-            p = c + tl.arange(0, CHUNK)
-            pm = p < n_valid
-            mp = tl.load(m_ptr + base + p, mask=pm, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(mp, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # partitions without a visible token
-            w = tl.where(pm, tl.exp2(mp - m_safe), 0.0)
-            alpha = tl.exp2(m - m_safe)
-            lp = tl.load(l_ptr + base + p, mask=pm, other=0.0)
-            ap = tl.load(acc_ptr + (base + p)[:, None] * HEAD_DIM + d[None, :], mask=pm[:, None], other=0.0)
-            l = l * alpha + tl.sum(w * lp, 0)
-            acc = acc * alpha + tl.sum(w[:, None] * ap, 0)
-            m = m_new
-        res = acc / tl.where(l > 0, l, 1.0)  # no visible token: acc is 0 -> zeros
-        tl.store(out_ptr + r * so0 + h * so1 + d, res.to(out_ptr.dtype.element_ty))
-
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
@@ -523,9 +493,9 @@ def packed_paged_attention_triton(
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     if not single:
-        _reduce_kernel[(num_rows, num_heads)](
-            m, l, acc, packed_pages, tail_lens, out, out.stride(0), out.stride(1), num_heads, num_parts,
-            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, PPP=ppp, CHUNK=16,
+        paged.reduce_partitions[(num_rows, num_heads)](
+            m, l, acc, tail_lens, packed_pages, out, out.stride(0), out.stride(1), num_heads, num_parts,
+            HEAD_DIM=head_dim, PART=ppp, CHUNK=16, BLOCK_SIZE=block_size, PACKED=True,
         )
     return out
 
