@@ -62,18 +62,24 @@ def check(qw, x: torch.Tensor, config: KernelConfig | None = None) -> float:
 
 
 def sweep_configs(m: int, k: int, int4: bool) -> list[KernelConfig]:
-    """int4: the weight-left kernel (one or two warpgroups of 64 weight rows, sum(x) on CUDA cores or
-    through the tensor cores); both formats: the x-left tiles; at one row the CUDA-core GEMV. K splits
-    leave every program at least one K tile."""
+    """At one row the CUDA-core GEMVs (weight rows x K tile, pipeline stages, warps, K splits); at 2..16
+    rows, int4: the weight-left kernel (one or two warpgroups of 64 weight rows, pipeline stages, K
+    splits), int8: the x-left tiles. K splits leave every program at least one K tile."""
     out = []
-    if int4:
-        for (bn, warps), sxdot, split in itertools.product([(64, 4), (128, 8)], [False, True], [1, 2, 4, 8]):
-            out.append(KernelConfig(16, bn, 128, split, warps, 1, left=True, sxdot=sxdot))
-    for bn, stages, split in itertools.product([32, 64], [3, 4], [1, 2, 4, 8]):
-        out.append(KernelConfig(16, bn, 128, split, 4, stages))
-    if m == 1:
-        out += [KernelConfig(1, bn, bk, split, 4, 1) for bn, bk, split in
-                [(16, 512, 1), (16, 256, 1), (8, 512, 1), (8, 256, 1), (32, 512, 2), (16, 512, 2)]]
+    if m == 1 and int4:
+        for (bn, bk), split in itertools.product([(32, 512), (64, 512), (128, 256), (64, 256)], [1, 2, 4]):
+            out.append(KernelConfig(1, bn, bk, split, 4, 3))
+        out += [KernelConfig(1, 64, 512, 1, 4, stages) for stages in (2, 4)]
+    elif m == 1:
+        for (bn, bk), split in itertools.product([(16, 256), (32, 256), (16, 512)], [1, 2]):
+            out.append(KernelConfig(1, bn, bk, split, 4, 3))
+        out += [KernelConfig(1, 16, 256, 1, 4, stages) for stages in (2, 4)]
+    elif int4:
+        for stages, split in itertools.product([2, 3, 4], [1, 2, 4]):
+            out.append(KernelConfig(16, 64, 128, split, 4, stages, left=True, sxdot=True))
+        out += [KernelConfig(16, 128, 128, split, 8, 3, left=True, sxdot=True) for split in (1, 2)]
+    else:
+        out += [KernelConfig(16, bn, 128, split, 4, 3) for bn, split in itertools.product([32, 64], [1, 4])]
     return [c for c in out if c.split_k == 1 or k // c.block_k >= c.split_k]
 
 

@@ -5,8 +5,10 @@
 and `dequantize` live in `optd.kernels.quantize` and are re-exported here.
 
 Kernels, all accumulating in float32 and never materializing the dequantized weight:
-- one row (GEMV, `_gemv_kernel`): CUDA cores. int4 codes become floats by bit tricks, scales and zero
-  points are applied once per group to partial sums; int8 products accumulate elementwise.
+- one row (GEMVs, `_gemv_int4_kernel`, `_gemv_int8_kernel`): CUDA cores, weight tiles pipelined
+  through shared memory. int4 codes become floats with one shift and one logic op each, read in the
+  words' order with x loaded to match (no exchange between threads); scales and zero points are applied
+  once per group to partial sums. int8 products accumulate elementwise.
 - int4 at 2..16 rows, power-of-two groups (`_decode_int4_kernel`): the weight tile is the left operand
   of the product and x^T (rows padded to 16) the right one, so on a Hopper GPU 64 weight rows run as
   warpgroup MMAs with the weight in registers. Codes become 16-bit floats (128 + q in bf16, 1024 + q in
@@ -162,15 +164,16 @@ def default_config(m: int, n: int, k: int, qw: Int8Weight | Int4Weight, device: 
         cfg = KernelConfig(16, 32, 32, num_stages=2)
         return replace(cfg, block_k=min(32, qw.group)) if grouped else cfg
     if m == 1 and (grouped or not int4):
-        # CUDA cores, long K tiles (the sweep's fastest on the Llama-3-8B shapes). int4: 16 weight rows,
-        # K split in two past K = 8192 (down_proj); int8: 8 rows by 512 inputs up to 4096 rows, else 16
-        # rows by 256.
+        # CUDA cores, weight tiles pipelined through shared memory (the sweep's fastest on the Llama-3-8B
+        # shapes). int4: 64 rows by 512 inputs, K split to fill the GPU (twice over for long K); int8:
+        # 16 rows by 512 inputs (256 past 8192 rows), no split.
         if int4:
-            long_k = k > 8192
-            return KernelConfig(1, 32 if long_k else 16, 512, split_k=2 if long_k else 1, num_stages=1)
-        return KernelConfig(1, 16, 256, num_stages=1) if n > 4096 else KernelConfig(1, 8, 512, num_stages=1)
+            bk = min(512, max(64, triton.next_power_of_2(k)))  # small K: no tile mostly past its end
+            cfg = KernelConfig(1, 64, bk, num_stages=3)
+            return replace(cfg, split_k=_fill(-(-n // 64), -(-k // bk), device, 2 if k > 8192 else 1))
+        return KernelConfig(1, 16, 512 if n <= 8192 else 256, num_stages=3)
     if grouped:  # 64 weight rows (one warpgroup) by one group
-        cfg = KernelConfig(16, 64, min(128, qw.group), num_stages=1, left=True, sxdot=True)
+        cfg = KernelConfig(16, 64, min(128, qw.group), num_stages=3, left=True, sxdot=True)
         return replace(cfg, split_k=_fill(-(-n // 64), -(-k // cfg.block_k), device, 3))
     if int4:  # other group sizes: per-element scales
         return replace(KernelConfig(16, 32, 64), split_k=_fill(-(-n // 32), -(-k // 64), device, 4))
@@ -300,12 +303,12 @@ if triton is not None:
         M, N, K, KQ, NG, sxm, sqn, ssn, szn, som, tiles_per_split, split, orc,
         GROUP: tl.constexpr, OFFSET: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr,
         SPLIT: tl.constexpr, SXDOT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     ):
         """out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K share] @ x^T [K share, BLOCK_M] over this program's
         share of K, grouped int4 (BLOCK_K inside one group), then (SPLIT) the partial sums' fixed-order
-        reduction by the last program. The next tile's operands are loaded before the current tile is
-        used (a register prefetch)."""
+        reduction by the last program. Triton pipelines the operand loads through shared memory (STAGES
+        tiles in flight)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -318,15 +321,11 @@ if triton is not None:
         kwend = tl.minimum(KQ, t1 * (BLOCK_K // 8))
         kend = tl.minimum(K, t1 * BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        w, s, z = _load_w(q_ptr, s_ptr, z_ptr, rn64, nmask, t0, kwend, NG, sqn, ssn, szn,
-                          True, True, GROUP, BLOCK_K)
-        xv = _load_xt(x_ptr, rm, mmask, t0, kend, sxm, BLOCK_K)
-        for t in range(t0, t1):
-            nw, ns, nz = _load_w(q_ptr, s_ptr, z_ptr, rn64, nmask, t + 1, kwend, NG, sqn, ssn, szn,
-                                 True, True, GROUP, BLOCK_K)
-            nxv = _load_xt(x_ptr, rm, mmask, t + 1, kend, sxm, BLOCK_K)
+        for t in tl.range(t0, t1, num_stages=STAGES):
+            w, s, z = _load_w(q_ptr, s_ptr, z_ptr, rn64, nmask, t, kwend, NG, sqn, ssn, szn,
+                              True, True, GROUP, BLOCK_K)
+            xv = _load_xt(x_ptr, rm, mmask, t, kend, sxm, BLOCK_K)
             acc = _int4_group(acc, w, s, z, xv, orc, OFFSET, HALF, UPCAST, SXDOT, BLOCK_N, BLOCK_K)
-            w, s, z, xv = nw, ns, nz, nxv
         offs = rm[None, :] * som + rn[:, None]
         _store_out(acc, out_ptr, ws_ptr, cnt_ptr, offs, nmask[:, None] & mmask[None, :], M * N, pid_k, pid_n,
                    split, SPLIT)
@@ -389,69 +388,56 @@ if triton is not None:
                    split, SPLIT)
 
     @triton.jit
-    def _nibble_to_f32(v):
-        """int32 v in 0..15 -> float32, exactly: v in the mantissa of 2^23, minus 2^23. Integer to float
-        conversions run at a quarter of the FMA rate on NVIDIA GPUs; an OR and a subtract don't."""
-        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    def _gemv_nibble(part, sxs, v, magic, x, POS: tl.constexpr, EXACT: tl.constexpr):
+        """part += code * x' for the nibble of words v at bits POS..POS+3 (8, 12 or 16) and its inputs x.
+        With `magic` = 0x43000000 (128.0) the masked word is the float 128 + q 2^(POS-16), one logic op,
+        so with x' = 2^(16-POS) x (exact) the product is 128 x' + q x. EXACT (float32 activations, where
+        that offset would cost precision): `magic` = 0x4B000000 (2^23) minus 2^23 is q 2^POS exactly,
+        and x' = 2^-POS x. sxs: the sum of x'. `magic` is a runtime value: a logic op takes one
+        immediate, and a second constant would cost a register move per code."""
+        MASK: tl.constexpr = 0xF << POS
+        code = ((v & MASK) | magic).to(tl.float32, bitcast=True)
+        if EXACT:
+            code = code - 8388608.0
+            xs = x * (1.0 / (1 << POS))
+        else:
+            xs = x * (1 << (16 - POS))
+        return tl.fma(code, xs[None, :], part), sxs + xs
 
     @triton.jit
-    def _gemv_int4_load(x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t, kend, kbend, NG, sqn, ssn, szn,
-                        GROUP: tl.constexpr, GK: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Operands of K tile t for the int4 GEMV, inputs at kend and beyond masked off (the tile past a
-        split's last one loads nothing): the code bytes (the words' bytes in memory order: byte 4j + 2p + b
-        of a row holds k = 8j + 4b + p in its low nibble and k + 2 in its high one), x at those k, and the
-        scales and zeros of the tile's groups (GK = min(BLOCK_K, GROUP)). kbend = the bytes' end, a
-        separate argument so that the compiler sees it is a multiple of 16 and vectorizes the masked
-        loads."""
-        k0 = t * BLOCK_K
-        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        # Weights are read once per call: don't let them push x, scales and zeros out of L2.
-        bmask = nmask[:, None] & (kb < kbend)[None, :]
-        b = tl.load(q_ptr + rn64[:, None] * sqn + kb[None, :], mask=bmask, other=0,
-                    eviction_policy="evict_first")
-        # x contiguous (vector loads), then k = 8j + 4b + 2h + p to byte 4j + 2p + b, nibble h.
-        kk = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.reshape(tl.load(x_ptr + kk, mask=kk < kend, other=0.0), [BLOCK_K // 8, 2, 2, 2])
-        xlo, xhi = tl.split(tl.reshape(tl.permute(xv, (0, 3, 1, 2)), [BLOCK_K // 2, 2]))
-        # The tile covers whole groups or lies inside one: k0 // GROUP is its first group.
-        g = k0 // GROUP + tl.arange(0, BLOCK_K // GK)
-        gmask = nmask[:, None] & (g < NG)[None, :]
-        s = tl.load(s_ptr + rn64[:, None] * ssn + g[None, :], mask=gmask, other=0.0)
-        z = tl.load(z_ptr + rn64[:, None] * szn + g[None, :], mask=gmask, other=0.0)
-        return b, xlo, xhi, s, z
+    def _gemv_x(x_ptr, kw, K, EVEN_K: tl.constexpr, WK: tl.constexpr):
+        """x at k = 8j + 0..7 for the words j of kw, as eight [WK] float32 vectors in k order: one
+        contiguous [WK, 8] load (Triton stages it through shared memory), split in registers. Loading
+        each vector in the words' layout instead costs one strided gather per vector, which made the
+        L1 the bottleneck (bench/RESULTS.md)."""
+        kk = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
+        xv = tl.load(x_ptr + kk, mask=(kk < K) | EVEN_K, other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(xv, [WK, 4, 2]))  # k = 8j + 2m, 8j + 2m + 1
+        e04, e26 = tl.split(tl.reshape(even, [WK, 2, 2]))
+        o15, o37 = tl.split(tl.reshape(odd, [WK, 2, 2]))
+        x0, x4 = tl.split(e04)
+        x2, x6 = tl.split(e26)
+        x1, x5 = tl.split(o15)
+        x3, x7 = tl.split(o37)
+        return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t, kend, sqn, BLOCK_K: tl.constexpr):
-        kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = kk < kend
-        b = tl.load(q_ptr + rn64[:, None] * sqn + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0,
-                    eviction_policy="evict_first")
-        return b, tl.load(x_ptr + kk, mask=kmask, other=0.0)
-
-    @triton.jit
-    def _gemv_int4_math(b, xlo, xhi, s, z, GK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """[BLOCK_N] float32 contribution of one tile: sum(q * x) per group, then
-        scale * (sum(q * x) - zero * sum(x)): two multiplies per group instead of per element."""
-        TPG: tl.constexpr = BLOCK_K // GK
-        b = b.to(tl.int32)
-        xlo = xlo.to(tl.float32)
-        xhi = xhi.to(tl.float32)
-        p = _nibble_to_f32(b & 0xF) * xlo[None, :] + _nibble_to_f32(b >> 4) * xhi[None, :]
-        raw = tl.sum(tl.reshape(p, [BLOCK_N, TPG, GK // 2]), 2)
-        sx = tl.sum(tl.reshape(xlo + xhi, [TPG, GK // 2]), 1)
-        return tl.sum(s.to(tl.float32) * (raw - z.to(tl.float32) * sx[None, :]), 1)
-
-    @triton.jit
-    def _gemv_kernel(
-        x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, KB, NG, sqn, ssn, szn, tiles_per_split,
-        split, INT4: tl.constexpr, GROUP: tl.constexpr, GK: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _gemv_int4_kernel(
+        x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, KQ, NG, sqn, ssn, szn, tiles_per_split,
+        split, magic, GROUP: tl.constexpr, EVEN_K: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     ):
-        """One row of x against BLOCK_N weight rows on CUDA cores, over this program's share of K. int4:
-        codes turned into floats by bit tricks, scales and zero points applied once per group to partial
-        sums; int8: products accumulate elementwise, one reduction and one scale per output channel at
-        the end. The next tile's bytes are loaded before the current tile is computed (a register
-        prefetch; Triton pipelines only loads that feed tl.dot)."""
+        """One row of x against BLOCK_N rows of int4 words on CUDA cores, over this program's share of K.
+        Word j of a row holds k = 8j..8j+7 (nibble n at k = 8j + 2n for n < 4, 8j + 2(n - 4) + 1
+        beyond). Two shifts of a word put all eight nibbles at bits 8, 12 or 16, where one logic op each
+        makes them floats (integer to float conversions run at a quarter of the FMA rate); per group the
+        result is scale * (sum(q x) - zero * sum(x)), with sum(q x) = sum(code x') - 128 sum(x').
+        Triton pipelines the word loads through shared memory (STAGES tiles in flight): at one row
+        nothing else hides their latency."""
+        WK: tl.constexpr = BLOCK_K // 8
+        GK: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
+        TPG: tl.constexpr = BLOCK_K // GK
+        OFFSET: tl.constexpr = 0.0 if EXACT else 128.0
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -459,27 +445,62 @@ if triton is not None:
         rn64 = rn.to(tl.int64)
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
-        kend = tl.minimum(K, t1 * BLOCK_K)
-        kbend = tl.minimum(KB, t1 * (BLOCK_K // 2))
-        if INT4:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            b, xlo, xhi, s, z = _gemv_int4_load(x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t0, kend, kbend, NG,
-                                                sqn, ssn, szn, GROUP, GK, BLOCK_K)
-            for t in range(t0, t1):
-                nb, nxlo, nxhi, ns, nz = _gemv_int4_load(x_ptr, q_ptr, s_ptr, z_ptr, rn64, nmask, t + 1, kend,
-                                                         kbend, NG, sqn, ssn, szn, GROUP, GK, BLOCK_K)
-                acc += _gemv_int4_math(b, xlo, xhi, s, z, GK, BLOCK_N, BLOCK_K)
-                b, xlo, xhi, s, z = nb, nxlo, nxhi, ns, nz
-        else:
-            # Products accumulate elementwise; one reduction at the end, one scale per output channel.
-            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            b, xv = _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t0, kend, sqn, BLOCK_K)
-            for t in range(t0, t1):
-                nb, nxv = _gemv_int8_load(x_ptr, q_ptr, rn64, nmask, t + 1, kend, sqn, BLOCK_K)
-                acc2 += _int8_to_f32(b) * xv.to(tl.float32)[None, :]
-                b, xv = nb, nxv
-            acc = tl.sum(acc2, 1) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        _store_out(acc, out_ptr, ws_ptr, cnt_ptr, rn, nmask, N, pid_k, pid_n, split, SPLIT)
+        acc = tl.zeros([BLOCK_N, TPG], dtype=tl.float32)
+        for t in tl.range(t0, t1, num_stages=STAGES):
+            kw = t * WK + tl.arange(0, WK)
+            # Weights are read once per call: don't let them push x, scales and zeros out of L2.
+            wmask = nmask[:, None] & ((kw < KQ) | EVEN_K)[None, :]
+            w = tl.load(q_ptr + rn64[:, None] * sqn + kw[None, :], mask=wmask, other=0,
+                        eviction_policy="evict_first")
+            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv_x(x_ptr, kw, K, EVEN_K, WK)
+            part = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
+            sxs = tl.zeros([WK], dtype=tl.float32)
+            w8 = w << 8  # nibbles 0, 1 at bits 8, 12
+            w12 = w >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
+            part, sxs = _gemv_nibble(part, sxs, w8, magic, x0, 8, EXACT)
+            part, sxs = _gemv_nibble(part, sxs, w8, magic, x2, 12, EXACT)
+            part, sxs = _gemv_nibble(part, sxs, w, magic, x4, 8, EXACT)
+            part, sxs = _gemv_nibble(part, sxs, w, magic, x6, 12, EXACT)
+            part, sxs = _gemv_nibble(part, sxs, w, magic, x1, 16, EXACT)
+            part, sxs = _gemv_nibble(part, sxs, w12, magic, x3, 8, EXACT)
+            part, sxs = _gemv_nibble(part, sxs, w12, magic, x5, 12, EXACT)
+            part, sxs = _gemv_nibble(part, sxs, w12, magic, x7, 16, EXACT)
+            sx = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+            raw = tl.sum(tl.reshape(part, [BLOCK_N, TPG, GK // 8]), 2)
+            sxg = tl.sum(tl.reshape(sx, [TPG, GK // 8]), 1)
+            sxsg = tl.sum(tl.reshape(sxs, [TPG, GK // 8]), 1)
+            # The tile covers whole groups or lies inside one: its first group is (t * BLOCK_K) // GROUP.
+            g = (t * BLOCK_K) // GROUP + tl.arange(0, TPG)
+            gmask = nmask[:, None] & (g < NG)[None, :]
+            s = tl.load(s_ptr + rn64[:, None] * ssn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rn64[:, None] * szn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            acc += s * ((raw - OFFSET * sxsg[None, :]) - z * sxg[None, :])
+        _store_out(tl.sum(acc, 1), out_ptr, ws_ptr, cnt_ptr, rn, nmask, N, pid_k, pid_n, split, SPLIT)
+
+    @triton.jit
+    def _gemv_int8_kernel(
+        x_ptr, q_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqn, tiles_per_split, split,
+        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        """One row of x against BLOCK_N int8 weight rows on CUDA cores, over this program's share of K:
+        products accumulate elementwise; one reduction and one scale per output channel at the end."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rn64 = rn.to(tl.int64)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for t in tl.range(t0, t1, num_stages=STAGES):
+            kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            kmask = kk < K
+            b = tl.load(q_ptr + rn64[:, None] * sqn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                        other=0, eviction_policy="evict_first")
+            xv = tl.load(x_ptr + kk, mask=kmask, other=0.0)
+            acc += _int8_to_f32(b) * xv.to(tl.float32)[None, :]
+        out = tl.sum(acc, 1) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        _store_out(out, out_ptr, ws_ptr, cnt_ptr, rn, nmask, N, pid_k, pid_n, split, SPLIT)
 
 
 def _check_config(cfg: KernelConfig, m: int, int4: bool) -> None:
@@ -528,16 +549,22 @@ def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelCo
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     cnt = _split_counters(x.device) if split > 1 else out
     if cfg.block_m == 1:
-        # int4 tiles cover whole groups or lie inside one, of whole words (8 codes).
-        assert not int4 or (_pow2(group) and group >= 8 and cfg.block_k >= 8), \
-            f"the GEMV takes int4 groups of a power of two >= 8 and block_k >= 8: group {group}, {cfg}"
-        gk = min(group, cfg.block_k)
-        qb = q.view(torch.uint8) if int4 else q  # int4: the words' bytes
-        _gemv_kernel[(out_tiles, split)](
-            x2, qb, s, z, out, ws, cnt, n, k, qb.shape[1], ng, qb.stride(0), ss, sz, per_split, split,
-            INT4=int4, GROUP=group, GK=gk, SPLIT=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            **launch,
-        )
+        grid = (out_tiles, split)
+        if int4:
+            # Tiles cover whole groups or lie inside one, of whole words (8 codes).
+            assert _pow2(group) and group >= 8 and cfg.block_k >= 8, \
+                f"the GEMV takes int4 groups of a power of two >= 8 and block_k >= 8: group {group}, {cfg}"
+            exact = x.dtype == torch.float32
+            _gemv_int4_kernel[grid](
+                x2, q, s, z, out, ws, cnt, n, k, q.shape[1], ng, q.stride(0), ss, sz, per_split, split,
+                0x4B000000 if exact else 0x43000000, GROUP=group, EVEN_K=k % cfg.block_k == 0, EXACT=exact,
+                SPLIT=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, **launch,
+            )
+        else:
+            _gemv_int8_kernel[grid](
+                x2, q, s, out, ws, cnt, n, k, q.stride(0), per_split, split, SPLIT=split > 1,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, **launch,
+            )
         return out.view(*x.shape[:-1], n)
     fast = int4 and _int4_fast(qw, cfg.block_k)
     assert fast or not cfg.left, f"the left kernel takes groups of a power of two >= block_k: {cfg}"
@@ -548,7 +575,7 @@ def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelCo
                   UPCAST=x.device.type == "cpu" and x.dtype != torch.float32, SPLIT=split > 1,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch)
     if cfg.left:
-        _decode_int4_kernel[(out_tiles, split)](*args, SXDOT=cfg.sxdot, **common)
+        _decode_int4_kernel[(out_tiles, split)](*args, SXDOT=cfg.sxdot, STAGES=cfg.num_stages, **common)
     else:
         _gemm_kernel[(out_tiles, split)](*args, INT4=int4, FAST=fast, SWIZZLE=cfg.swizzle, **common)
     return out.view(*x.shape[:-1], n)

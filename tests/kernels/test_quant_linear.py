@@ -392,12 +392,13 @@ common = dict(GROUP=128, OFFSET=128.0, HALF=False, UPCAST=False, SPLIT=True, BLO
               BLOCK_K=128)
 fp16 = dict(HALF=True, OFFSET=1024.0)
 gemm = dict(common, FAST=True, SWIZZLE=1, BLOCK_N=32)
-gemv = dict(GROUP=128, GK=128, SPLIT=True, BLOCK_N=16, BLOCK_K=512)
+gemv4 = dict(GROUP=128, EVEN_K=True, EXACT=False, SPLIT=True, BLOCK_N=64, BLOCK_K=512, STAGES=3)
+gemv8 = dict(SPLIT=True, BLOCK_N=16, BLOCK_K=256, STAGES=3)
 cases = [
-    (QL._decode_int4_kernel, ptrs("*i32"), {**common, "SXDOT": True}, 4),
-    (QL._decode_int4_kernel, ptrs("*i32", "*fp16"), {**common, **fp16, "SXDOT": False}, 4),
-    (QL._decode_int4_kernel, ptrs("*i32", "*fp32"), {**common, "SXDOT": False, "SPLIT": False, "BLOCK_K": 32},
-     4),
+    (QL._decode_int4_kernel, ptrs("*i32"), {**common, "SXDOT": True, "STAGES": 3}, 4),
+    (QL._decode_int4_kernel, ptrs("*i32", "*fp16"), {**common, **fp16, "SXDOT": False, "STAGES": 1}, 4),
+    (QL._decode_int4_kernel, ptrs("*i32", "*fp32"),
+     {**common, "SXDOT": False, "SPLIT": False, "BLOCK_K": 32, "STAGES": 3}, 4),
     (QL._gemm_kernel, ptrs("*i8"), {**gemm, "INT4": False}, 4),
     (QL._gemm_kernel, ptrs("*i32", "*fp16"), {**gemm, **fp16, "INT4": True}, 4),
     (QL._gemm_kernel, ptrs("*i32"), {**gemm, "INT4": True, "GROUP": 48, "FAST": False, "BLOCK_K": 64}, 4),
@@ -405,9 +406,9 @@ cases = [
                                     "BLOCK_K": 64, "SWIZZLE": 8}, 8),
     (QL._gemm_kernel, ptrs("*i32"), {**gemm, "INT4": True, "SPLIT": False, "BLOCK_M": 128, "BLOCK_N": 128,
                                      "BLOCK_K": 64, "SWIZZLE": 8}, 8),
-    (QL._gemv_kernel, ptrs("*u8"), {**gemv, "INT4": True}, 4),
-    (QL._gemv_kernel, ptrs("*u8"), {**gemv, "INT4": True, "GK": 32, "GROUP": 32, "SPLIT": False}, 4),
-    (QL._gemv_kernel, ptrs("*i8"), {**gemv, "INT4": False, "GROUP": 1, "GK": 1, "BLOCK_N": 8}, 4),
+    (QL._gemv_int4_kernel, ptrs("*i32"), gemv4, 4),
+    (QL._gemv_int4_kernel, ptrs("*i32"), {**gemv4, "GROUP": 32, "SPLIT": False, "EVEN_K": False}, 4),
+    (QL._gemv_int8_kernel, ptrs("*i8"), gemv8, 4),
 ]
 for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx942", 64)):
     for fn, types, constexprs, warps in cases:
