@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optd.kernels.activation import silu_and_mul, silu_and_mul_ref
 from optd.kernels.quantize import (
     INT4_GROUP,
     Int4Weight,
@@ -86,25 +87,29 @@ class KernelConfig:
     sxdot: bool = False  # left: sum(x) per group through the tensor cores (ones @ x^T)
 
 
-def _check(x: Tensor, qw: Int8Weight | Int4Weight) -> tuple[Tensor, int, int]:
-    """x [..., K] as [M, K] (rows contiguous along K), plus N and K; clear errors on a mismatch."""
+def _check(x: Tensor, qw: Int8Weight | Int4Weight, swiglu: bool = False) -> tuple[Tensor, int, int]:
+    """x [..., K] (swiglu: [..., 2K], gate then up) as [M, K or 2K] (rows contiguous), plus N and K;
+    clear errors on a mismatch."""
     if not isinstance(qw, Int8Weight | Int4Weight):
         raise ValueError(f"qw: expected an Int8Weight or Int4Weight, got {type(qw).__name__}")
     k = qw.k if isinstance(qw, Int4Weight) else qw.q.shape[1]
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != k:
+    width = 2 * k if swiglu else k
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != width:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x: expected [..., {k}] (the weight's in_features), got {got}")
+        what = "twice the weight's in_features (gate | up)" if swiglu else "the weight's in_features"
+        raise ValueError(f"x: expected [..., {width}] ({what}), got {got}")
     if x.dtype != qw.scale.dtype:
         raise ValueError(f"x: dtype {x.dtype} differs from the weight's scale dtype {qw.scale.dtype}")
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, width)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2, qw.q.shape[0], k
 
 
-def quant_linear_ref(x: Tensor, qw: Int8Weight | Int4Weight) -> Tensor:
-    _check(x, qw)
-    return F.linear(x, dequantize(qw))
+def quant_linear_ref(x: Tensor, qw: Int8Weight | Int4Weight, swiglu: bool = False) -> Tensor:
+    """x @ dequantize(qw).T; swiglu: silu(gate) * up of x = [gate | up] first."""
+    _check(x, qw, swiglu)
+    return F.linear(silu_and_mul_ref(x) if swiglu else x, dequantize(qw))
 
 
 def _pow2(v: int) -> bool:
@@ -405,13 +410,27 @@ if triton is not None:
         return tl.fma(code, xs[None, :], part), sxs + xs
 
     @triton.jit
-    def _gemv_x(x_ptr, kw, K, EVEN_K: tl.constexpr, WK: tl.constexpr):
+    def _gemv_input(x_ptr, k, K, mask, SWIGLU: tl.constexpr):
+        """x at k as float32; SWIGLU: silu(gate) * up from x = [gate | up], each step rounded to x's dtype
+        as silu_and_mul rounds it."""
+        if SWIGLU:
+            dt = x_ptr.dtype.element_ty
+            g = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
+            s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            x = (s * u).to(dt).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _gemv_x(x_ptr, kw, K, EVEN_K: tl.constexpr, WK: tl.constexpr, SWIGLU: tl.constexpr):
         """x at k = 8j + 0..7 for the words j of kw, as eight [WK] float32 vectors in k order: one
         contiguous [WK, 8] load (Triton stages it through shared memory), split in registers. Loading
         each vector in the words' layout instead costs one strided gather per vector, which made the
         L1 the bottleneck (bench/RESULTS.md)."""
         kk = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
-        xv = tl.load(x_ptr + kk, mask=(kk < K) | EVEN_K, other=0.0).to(tl.float32)
+        xv = _gemv_input(x_ptr, kk, K, (kk < K) | EVEN_K, SWIGLU)
         even, odd = tl.split(tl.reshape(xv, [WK, 4, 2]))  # k = 8j + 2m, 8j + 2m + 1
         e04, e26 = tl.split(tl.reshape(even, [WK, 2, 2]))
         o15, o37 = tl.split(tl.reshape(odd, [WK, 2, 2]))
@@ -425,7 +444,7 @@ if triton is not None:
     def _gemv_int4_kernel(
         x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, KQ, NG, sqn, ssn, szn, tiles_per_split,
         split, magic, GROUP: tl.constexpr, EVEN_K: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SWIGLU: tl.constexpr,
     ):
         """One row of x against BLOCK_N rows of int4 words on CUDA cores, over this program's share of K.
         Word j of a row holds k = 8j..8j+7 (nibble n at k = 8j + 2n for n < 4, 8j + 2(n - 4) + 1
@@ -452,7 +471,7 @@ if triton is not None:
             wmask = nmask[:, None] & ((kw < KQ) | EVEN_K)[None, :]
             w = tl.load(q_ptr + rn64[:, None] * sqn + kw[None, :], mask=wmask, other=0,
                         eviction_policy="evict_first")
-            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv_x(x_ptr, kw, K, EVEN_K, WK)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv_x(x_ptr, kw, K, EVEN_K, WK, SWIGLU)
             part = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
             sxs = tl.zeros([WK], dtype=tl.float32)
             w8 = w << 8  # nibbles 0, 1 at bits 8, 12
@@ -481,6 +500,7 @@ if triton is not None:
     def _gemv_int8_kernel(
         x_ptr, q_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqn, tiles_per_split, split,
         SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        SWIGLU: tl.constexpr,
     ):
         """One row of x against BLOCK_N int8 weight rows on CUDA cores, over this program's share of K:
         products accumulate elementwise; one reduction and one scale per output channel at the end."""
@@ -497,8 +517,7 @@ if triton is not None:
             kmask = kk < K
             b = tl.load(q_ptr + rn64[:, None] * sqn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
                         other=0, eviction_policy="evict_first")
-            xv = tl.load(x_ptr + kk, mask=kmask, other=0.0)
-            acc += _int8_to_f32(b) * xv.to(tl.float32)[None, :]
+            acc += _int8_to_f32(b) * _gemv_input(x_ptr, kk, K, kmask, SWIGLU)[None, :]
         out = tl.sum(acc, 1) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         _store_out(out, out_ptr, ws_ptr, cnt_ptr, rn, nmask, N, pid_k, pid_n, split, SPLIT)
 
@@ -524,15 +543,20 @@ _MAGIC = {torch.float16: (0x64006400, 1024.0), torch.bfloat16: (0x43004300, 128.
           torch.float32: (0x43004300, 128.0)}
 
 
-def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelConfig | None = None) -> Tensor:
+def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelConfig | None = None,
+                        swiglu: bool = False) -> Tensor:
+    """swiglu: x = [gate | up], and silu(gate) * up is the input: computed while loading it in the
+    one-row GEMVs (one kernel less per MLP at batch 1), by silu_and_mul before the others."""
     assert triton is not None, "quant_linear_triton needs triton; use quant_linear_ref"
-    x2, n, k = _check(x, qw)
+    x2, n, k = _check(x, qw, swiglu)
     m = x2.shape[0]
+    cfg = config or default_config(m, n, k, qw, x.device)
+    if swiglu and cfg.block_m != 1:
+        return quant_linear_triton(silu_and_mul(x2), qw, cfg).view(*x.shape[:-1], n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.view(*x.shape[:-1], n)
     int4 = isinstance(qw, Int4Weight)
-    cfg = config or default_config(m, n, k, qw, x.device)
     _check_config(cfg, m, int4)
     q, s = qw.q, qw.scale
     assert q.stride(-1) == 1 and s.stride(-1) == 1, "codes and scales must be contiguous along K"
@@ -558,12 +582,13 @@ def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelCo
             _gemv_int4_kernel[grid](
                 x2, q, s, z, out, ws, cnt, n, k, q.shape[1], ng, q.stride(0), ss, sz, per_split, split,
                 0x4B000000 if exact else 0x43000000, GROUP=group, EVEN_K=k % cfg.block_k == 0, EXACT=exact,
-                SPLIT=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, **launch,
+                SPLIT=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
+                SWIGLU=swiglu, **launch,
             )
         else:
             _gemv_int8_kernel[grid](
                 x2, q, s, out, ws, cnt, n, k, q.stride(0), per_split, split, SPLIT=split > 1,
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, **launch,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SWIGLU=swiglu, **launch,
             )
         return out.view(*x.shape[:-1], n)
     fast = int4 and _int4_fast(qw, cfg.block_k)
@@ -581,8 +606,8 @@ def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelCo
     return out.view(*x.shape[:-1], n)
 
 
-def quant_linear(x: Tensor, qw: Int8Weight | Int4Weight) -> Tensor:
+def quant_linear(x: Tensor, qw: Int8Weight | Int4Weight, swiglu: bool = False) -> Tensor:
     # ROCm builds of torch report their GPUs as device type "cuda" too.
     if x.device.type == "cuda" and triton is not None:
-        return quant_linear_triton(x, qw)
-    return quant_linear_ref(x, qw)
+        return quant_linear_triton(x, qw, swiglu=swiglu)
+    return quant_linear_ref(x, qw, swiglu)

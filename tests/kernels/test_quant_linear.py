@@ -286,6 +286,29 @@ def moved(qw, device):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("m, k, config", [(1, 300, None), (1, 77, KernelConfig(1, 16, 64, split_k=2)),
+                                          (3, 300, None)], ids=["gemv", "gemv-ragged-split", "rows3"])
+def test_swiglu_input_matches_silu_and_mul_then_the_linear(m, k, config, fmt, dtype):
+    """swiglu=True takes x = [gate | up] and multiplies silu(gate) * up: fused into the one-row GEMVs'
+    loads, through silu_and_mul beforehand elsewhere. A wrong half, a missing activation or an unrounded
+    product is off by far more than the bound."""
+    g = torch.Generator().manual_seed(m * 100 + k)
+    w = (torch.randn(40, k, generator=g) * 0.05).to(dtype)
+    x = (torch.randn(m, 2 * k, generator=g) * 2).to(dtype)
+    qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, group=32 if k == 77 else 128)
+    got = quant_linear_triton(x.to(DEVICE), moved(qw, DEVICE), config, swiglu=True).cpu()
+    want = quant_linear_ref(x, qw, swiglu=True)
+    assert got.shape == want.shape == (m, 40)
+    from optd.kernels.activation import silu_and_mul_ref
+
+    assert_within_rounding(got, want, silu_and_mul_ref(x), qw)
+    with pytest.raises(ValueError, match=f"expected \\[..., {2 * k}\\]"):
+        quant_linear_triton(x[:, :k].to(DEVICE), moved(qw, DEVICE), swiglu=True)
+
+
+@needs_triton
 def test_configs_a_kernel_cannot_take_are_rejected():
     x = torch.randn(1, 77).to(torch.bfloat16).to(DEVICE)
     w = torch.randn(40, 77).to(torch.bfloat16)
@@ -392,8 +415,8 @@ common = dict(GROUP=128, OFFSET=128.0, HALF=False, UPCAST=False, SPLIT=True, BLO
               BLOCK_K=128)
 fp16 = dict(HALF=True, OFFSET=1024.0)
 gemm = dict(common, FAST=True, SWIZZLE=1, BLOCK_N=32)
-gemv4 = dict(GROUP=128, EVEN_K=True, EXACT=False, SPLIT=True, BLOCK_N=64, BLOCK_K=512, STAGES=3)
-gemv8 = dict(SPLIT=True, BLOCK_N=16, BLOCK_K=256, STAGES=3)
+gemv4 = dict(GROUP=128, EVEN_K=True, EXACT=False, SPLIT=True, BLOCK_N=64, BLOCK_K=512, STAGES=3, SWIGLU=False)
+gemv8 = dict(SPLIT=True, BLOCK_N=16, BLOCK_K=256, STAGES=3, SWIGLU=True)
 cases = [
     (QL._decode_int4_kernel, ptrs("*i32"), {**common, "SXDOT": True, "STAGES": 3}, 4),
     (QL._decode_int4_kernel, ptrs("*i32", "*fp16"), {**common, **fp16, "SXDOT": False, "STAGES": 1}, 4),
@@ -407,7 +430,8 @@ cases = [
     (QL._gemm_kernel, ptrs("*i32"), {**gemm, "INT4": True, "SPLIT": False, "BLOCK_M": 128, "BLOCK_N": 128,
                                      "BLOCK_K": 64, "SWIZZLE": 8}, 8),
     (QL._gemv_int4_kernel, ptrs("*i32"), gemv4, 4),
-    (QL._gemv_int4_kernel, ptrs("*i32"), {**gemv4, "GROUP": 32, "SPLIT": False, "EVEN_K": False}, 4),
+    (QL._gemv_int4_kernel, ptrs("*i32"),
+     {**gemv4, "GROUP": 32, "SPLIT": False, "EVEN_K": False, "SWIGLU": True}, 4),
     (QL._gemv_int8_kernel, ptrs("*i8"), gemv8, 4),
 ]
 for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx942", 64)):
