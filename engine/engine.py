@@ -40,6 +40,7 @@ from optd.engine.weight_bits import (
     assign_bits,
     average_bits,
     current_bits,
+    layers_nbytes,
     set_layer_bits,
 )
 
@@ -93,6 +94,8 @@ class Engine:
                 f"{self.max_model_len}; give it more memory or lower max_model_len"
             )
         self.pool = KVPool(layout, num_blocks + 1, self.device)  # + the scratch block
+        # The pool grows into what fewer weight bits free, and back (see _kv_blocks_for).
+        self._kv_start_blocks, self._start_weight_bytes = num_blocks, self.weight_bytes
         # The draft's cache is never compressed: give it room for what the target holds at r = 0.75.
         per_seq = allocator.blocks_for(self.max_model_len)
         draft_blocks = max(min(config.max_num_seqs * per_seq, 4 * num_blocks), per_seq)
@@ -128,10 +131,14 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="optd-engine", daemon=True)
         self._thread.start()
 
+    def _useful_kv_blocks(self) -> int:
+        """Blocks max_num_seqs sequences of max_model_len fill natively: more would never be used."""
+        return self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
+
     def _num_kv_blocks(self, layout: KVLayout) -> int:
         c = self.config
         per_block = layout.num_layers * layout.block_bytes
-        useful = c.max_num_seqs * -(-self.max_model_len // c.block_size)  # more would never be used
+        useful = self._useful_kv_blocks()
         if c.num_kv_blocks:
             return c.num_kv_blocks
         if c.kv_cache_memory:
@@ -459,27 +466,81 @@ class Engine:
         return KnobOutcome("weight_bits", "applied", self._knobs.weight_bits, value, cost_s=cost)
 
     def _start_switch(self, target: float, report: Callable[[str | None], None]) -> str | None:
-        """Begin requantizing (engine thread); returns why not, or None."""
+        """Begin requantizing (engine thread); returns why not, or None. The KV pool lends the weights
+        what more bits need before any layer grows, and takes what fewer bits free once all are swapped
+        (or back, after a rollback): both while the CUDA graphs, which hold its addresses, are dropped."""
         if self._switch is not None:
             return "a weight_bits change is still in progress"
         if target not in (4, 8, 16) and self._sensitivity is None:
             self._sensitivity = self._layer_sensitivity()
         bits = assign_bits(target, len(self.model.layers), self._sensitivity)
+        target_bytes = (self.weight_bytes + layers_nbytes(self.model, bits)
+                        - layers_nbytes(self.model, current_bits(self.model)))
 
         def finish(failure: str | None) -> None:
             if failure is None:
                 self._knobs = Knobs(**{**self._knobs.__dict__, "weight_bits": average_bits(bits)})
+            self._fit_kv_to_weights()
             # The graphs held the old weights' addresses: capture them again, one per loop iteration.
-            self.runner.recapture(now=False)
-            if self._speculator and self._speculator.fused:
-                self._speculator.fused.recapture(now=False)
+            self._recapture_graphs()
             report(failure)
 
         self.runner.drop_graphs()  # eager until the last layer is swapped
         if self._speculator and self._speculator.fused:
             self._speculator.fused.drop_graphs()
+        blocks = min(self.scheduler.allocator.num_blocks, self._kv_blocks_for(target_bytes))
+        try:
+            self._resize_kv(blocks)
+        except Exception as e:
+            log.exception("shrinking the KV pool failed")
+            self._recapture_graphs()
+            return f"the KV pool cannot shrink to {blocks} blocks for these weights: {type(e).__name__}: {e}"
         self._switch = WeightSwitch(self.model, self._model_folder, self.model_config, bits, finish)
         return None
+
+    def _recapture_graphs(self) -> None:
+        """Capture the CUDA graphs again, one per loop iteration (steps run eagerly meanwhile)."""
+        self.runner.recapture(now=False)
+        if self._speculator and self._speculator.fused:
+            self._speculator.fused.recapture(now=False)
+
+    def _kv_blocks_for(self, weight_bytes: int) -> int:
+        """The KV pool's blocks (scratch excluded) while the weights take `weight_bytes`: the start-up
+        size plus the bytes fewer bits free, up to what max_num_seqs sequences can use."""
+        layout = self.pool.layout
+        freed = max(0, self._start_weight_bytes - weight_bytes)
+        grown = self._kv_start_blocks + freed // (layout.num_layers * layout.block_bytes)
+        return max(self._kv_start_blocks, min(grown, self._useful_kv_blocks()))
+
+    def _fit_kv_to_weights(self) -> None:
+        """Size the KV pool for the weights held now (a failure leaves it as it is: serving goes on)."""
+        blocks = self._kv_blocks_for(self.weight_bytes)
+        try:
+            self._resize_kv(blocks)
+        except Exception:
+            log.exception("resizing the KV pool to %d blocks failed; it keeps %d", blocks,
+                          self.scheduler.allocator.num_blocks)
+
+    def _resize_kv(self, blocks: int) -> None:
+        """Resize the target's KV pool and allocator to `blocks` (engine thread, between steps, graphs
+        dropped). Shrinking preempts the newest sequences until the rest fit (they are recomputed later),
+        then moves the blocks above the new size into free ones below it. A failure leaves the pool and
+        the allocator sized as they were."""
+        sched, pool = self.scheduler, self.pool
+        alloc, old = sched.allocator, sched.allocator.num_blocks
+        if blocks < old:
+            sched.preempt_to_fit(blocks)
+            alloc.compact([s.blocks for s in sched.running], blocks, pool.move)
+            alloc.resize(blocks)  # refuses if anything else holds a block above it
+            try:
+                pool.resize(blocks + 1)  # + the scratch block
+            except Exception:
+                alloc.resize(old)
+                raise
+        elif blocks > old:
+            pool.resize(blocks + 1)
+            alloc.resize(blocks)
+        self._counters.kv_blocks_total = blocks
 
     def _apply(self, changes: dict) -> ApplyResult:
         result = ApplyResult()
@@ -516,9 +577,7 @@ class Engine:
         """Switch attention between the 16-bit and the packed-page kernel; CUDA graphs bake the kernel
         in, so they are captured again, one per loop iteration (steps run eagerly meanwhile)."""
         self.pool.packed_mode = on
-        self.runner.recapture(now=False)
-        if self._speculator and self._speculator.fused:
-            self._speculator.fused.recapture(now=False)
+        self._recapture_graphs()
 
     def probe(self) -> QualityReport:
         """Quality under the current knobs against the reference (runs between two steps)."""

@@ -125,14 +125,14 @@ class KVCompressor:
     def _tail(self, seq: Sequence, n: int) -> Tensor:
         """The first n tokens of the native tail: [layers, 2, n, kv_heads, D] (a copy)."""
         blocks = seq.blocks[seq.packed_pages : seq.packed_pages + -(-n // self.block_size)]
-        idx = torch.tensor(blocks, device=self.pool.data.device)
-        tail = self.pool.native()[:, idx]  # [L, nb, 2, bs, H, D]
+        idx = torch.tensor(blocks, device=self.pool.device)
+        tail = self.pool.read_native(idx)  # [L, nb, 2, bs, H, D]
         L, nb, _, bs, H, D = tail.shape
         return tail.permute(0, 2, 1, 3, 4, 5).reshape(L, 2, nb * bs, H, D)[:, :, :n]
 
     def _stored(self, seq: Sequence) -> Tensor:
         """Every token the sequence holds, packed pages first, dequantized: [layers, 2, n, kv_heads, D]."""
-        L, data = self.pool.layout, self.pool.data
+        L = self.pool.layout
         blocks = seq.blocks[: seq.packed_pages]
         meta = self.pool.page_meta[blocks].tolist() if blocks else []
         parts, i = [], 0
@@ -140,9 +140,9 @@ class KVCompressor:
             j = i
             while j < len(blocks) and meta[j] == meta[i]:
                 j += 1
-            ids = torch.tensor(blocks[i:j], device=data.device)
-            k, v = unpack_pages(data[:, ids].flatten(0, 1), meta[i] >> 8, meta[i] & 255, L.num_kv_heads,
-                                L.head_dim, L.dtype)  # [L * pages, ntok, H, D]
+            ids = torch.tensor(blocks[i:j], device=self.pool.device)
+            k, v = unpack_pages(self.pool.read(ids).flatten(0, 1), meta[i] >> 8, meta[i] & 255,
+                                L.num_kv_heads, L.head_dim, L.dtype)  # [L * pages, ntok, H, D]
             kv = torch.stack([k, v], 1).view(L.num_layers, j - i, 2, *k.shape[1:])
             parts.append(kv.transpose(1, 2).flatten(2, 3).to(L.dtype))  # [L, 2, pages * ntok, H, D]
             i = j
@@ -167,9 +167,8 @@ class KVCompressor:
             L, _, _, H, D = rest.shape
             padded = rest.new_zeros(L, 2, len(tail_ids) * bs, H, D)
             padded[:, :, :r] = rest
-            native = pool.native()
-            native[:, torch.tensor(tail_ids, device=pool.data.device)] = (
-                padded.view(L, 2, len(tail_ids), bs, H, D).permute(0, 2, 1, 3, 4, 5))
+            pool.write_native(torch.tensor(tail_ids, device=pool.device),
+                              padded.view(L, 2, len(tail_ids), bs, H, D).permute(0, 2, 1, 3, 4, 5))
         self.set_meta(new_pages, specs)
         logical = seq.num_cached if logical is None else logical
         seq.packed_pages += len(new_pages)
@@ -191,19 +190,16 @@ class KVCompressor:
                 chunk = self._evict(chunk, positions[start : start + m * group].view(m, group), scores, keep)
             k, v = (chunk[:, i].reshape(L * m, keep, H, D) for i in (0, 1))
             packed = pack_pages(k, v, fmt, pool.layout.block_bytes).view(L, m, -1)
-            idx = torch.tensor(ids[done : done + m], device=pool.data.device)
-            if isinstance(layers, int):
-                pool.data[layers, idx] = packed[0]
-            else:
-                pool.data[layers, idx] = packed
+            idx = torch.tensor(ids[done : done + m], device=pool.device)
+            pool.write(layers, idx, packed[0] if isinstance(layers, int) else packed)
             start, done = start + m * group, done + m
         return start
 
     def set_meta(self, ids: list[int], specs: list[PageSpec]) -> None:
         if ids:
             meta = [s.fmt * 256 + s.keep for s in specs]
-            self.pool.page_meta[torch.tensor(ids, device=self.pool.data.device)] = torch.tensor(
-                meta, dtype=torch.int32, device=self.pool.data.device)
+            self.pool.page_meta[torch.tensor(ids, device=self.pool.device)] = torch.tensor(
+                meta, dtype=torch.int32, device=self.pool.device)
 
     def _evict(self, chunk: Tensor, positions: Tensor, scores: Tensor | None, keep: int) -> Tensor:
         """Keep the `keep` highest-scored tokens of each group, per layer and kv head.

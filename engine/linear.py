@@ -6,7 +6,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optd.kernels.quant_linear import quant_linear
-from optd.kernels.quantize import Int4Weight, Int8Weight, packed_bytes, quantize_int4, quantize_int8
+from optd.kernels.quantize import (
+    Int4Weight,
+    Int8Weight,
+    packed_bytes,
+    quantize_int4,
+    quantize_int8,
+    quantized_bytes,
+)
 
 BITS = (4, 8, 16)
 
@@ -32,6 +39,13 @@ class Linear(nn.Module):
         if self.quant is None:
             return self.weight.numel() * self.weight.element_size()
         return packed_bytes(self.quant)
+
+    def nbytes_at(self, bits: int) -> int:
+        """What `nbytes` will be once held at `bits` (from the shape: nothing is quantized)."""
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        n, k, dtype = self.out_features, self.in_features, self.weight.dtype
+        return n * k * dtype.itemsize if bits == 16 else quantized_bytes(n, k, bits, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.quant is None:

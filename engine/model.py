@@ -98,7 +98,7 @@ class Attention(nn.Module):
             out = self._prefill(q, k, v, batch.prefill_lens, batch.packer)
         elif pool.packed_mode:
             out = packed_paged_attention(
-                q, pool.data[self.layer], pool.page_meta, batch.block_tables, batch.packed_pages,
+                q, pool.layer_data(self.layer), pool.page_meta, batch.block_tables, batch.packed_pages,
                 batch.context_lens, self.scale, block_size=pool.layout.block_size,
                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
         else:

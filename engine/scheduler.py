@@ -111,6 +111,12 @@ class Scheduler:
             self.draft_allocator.release(seq.draft_blocks)
         seq.packed_pages = seq.tail_start = 0
 
+    def preempt_to_fit(self, num_blocks: int) -> None:
+        """Preempt the newest sequences until at most `num_blocks` blocks are in use (the KV pool is
+        about to shrink); like any preempted sequence, they are recomputed when re-admitted."""
+        while self.allocator.num_used > num_blocks and self.running:
+            self._preempt(self.running[-1])
+
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it is recomputed from its tokens when re-admitted."""
         self.running.remove(seq)

@@ -4,7 +4,8 @@ A change requantizes one decoder layer per engine-loop iteration, between steps,
 checkpoint (optd.engine.loader.load_layer_weights), so requests keep flowing and no second 16-bit copy
 of the model is ever held. Values between the formats (4, 8, 16) give each layer one of them:
 `assign_bits` spends the bit budget where the measured sensitivity (the probe's KL with that layer
-alone quantized) says it matters most. The embedding and lm_head stay 16-bit.
+alone quantized) says it matters most. The embedding and lm_head stay 16-bit. The KV pool grows into
+the bytes fewer bits free and gives them back before more bits need them (Engine._start_switch).
 """
 
 import time
@@ -29,6 +30,11 @@ def layer_linears(model: LlamaModel, layer: int) -> dict[str, Linear]:
 
 def current_bits(model: LlamaModel) -> list[int]:
     return [next(iter(layer_linears(model, i).values())).bits for i in range(len(model.layers))]
+
+
+def layers_nbytes(model: LlamaModel, bits: list[int]) -> int:
+    """Bytes the decoder layers' linear weights take with layer i at bits[i] (from shapes alone)."""
+    return sum(m.nbytes_at(b) for i, b in enumerate(bits) for m in layer_linears(model, i).values())
 
 
 def average_bits(bits: list[int]) -> float:
@@ -81,10 +87,14 @@ class WeightSwitch:
     started: float = field(default_factory=time.perf_counter)
     previous: list[int] = field(init=False)
     todo: list[int] = field(init=False)
+    swapped: list[int] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.previous = current_bits(self.model)
         self.todo = [i for i, (a, b) in enumerate(zip(self.previous, self.target, strict=True)) if a != b]
+        # Layers losing bits first: the weights never hold more bytes than at the start or the end (the
+        # engine sizes the KV pool for the larger of the two).
+        self.todo.sort(key=lambda i: self.target[i] > self.previous[i])
 
     def step(self) -> bool:
         """Swap one layer; True when the switch is over (done or rolled back)."""
@@ -95,12 +105,11 @@ class WeightSwitch:
         try:
             self._set_layer(layer, self.target[layer])
         except Exception as e:  # e.g. out of memory: put back what was changed, keep serving
-            done = [i for i in range(len(self.target)) if i not in self.todo]
-            for i in [*done, layer]:
+            for i in [layer, *reversed(self.swapped)]:  # newest first: the bytes never exceed both ends
                 self._set_layer(i, self.previous[i])
             self.on_done(f"{type(e).__name__}: {e}; rolled back to {average_bits(self.previous):g} bits")
             return True
-        self.todo.pop(0)
+        self.swapped.append(self.todo.pop(0))
         if not self.todo:
             self.on_done(None)
             return True

@@ -454,7 +454,7 @@ def packed_paged_attention_triton(
     assert q.shape[2] == head_dim and num_heads % num_kv_heads == 0, f"q {tuple(q.shape)}, Hkv {num_kv_heads}"
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim} is not a power of 2 >= 16"
     assert block_bytes == 2 * block_size * num_kv_heads * head_dim * q.dtype.itemsize, "block_bytes mismatch"
-    assert layer_data.dtype == torch.uint8 and layer_data.is_contiguous(), "layer_data: pool.data[layer]"
+    assert layer_data.dtype == torch.uint8 and layer_data.is_contiguous(), "layer_data: pool.layer_data(i)"
     assert q.stride(2) == 1 and block_tables.stride(1) == 1, "q's head_dim and the tables' pages contiguous"
     assert page_meta.dtype == block_tables.dtype == packed_pages.dtype == tail_lens.dtype == torch.int32
     assert block_tables.shape[0] == packed_pages.shape[0] == tail_lens.shape[0] == num_rows

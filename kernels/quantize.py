@@ -57,6 +57,16 @@ def packed_bytes(qw: Int8Weight | Int4Weight) -> int:
     return sum(t.numel() * t.element_size() for t in parts)
 
 
+def quantized_bytes(n: int, k: int, bits: int, dtype: torch.dtype, group: int = INT4_GROUP) -> int:
+    """Bytes quantize_int8 (bits=8) or quantize_int4 (bits=4) returns for an [n, k] weight of `dtype`
+    (what packed_bytes will report), from the shape alone: the engine sizes memory before quantizing."""
+    if bits == 8:
+        return n * k + n * dtype.itemsize
+    if bits == 4:
+        return n * -(-k // 8) * 4 + 2 * n * -(-k // group) * dtype.itemsize
+    raise ValueError(f"bits: expected 4 or 8, got {bits!r}")
+
+
 def _check_weight(w: Tensor) -> None:
     if not isinstance(w, Tensor) or w.dim() != 2:
         raise ValueError(f"w: expected a 2-D [out_features, in_features] tensor, got {_describe(w)}")

@@ -8,6 +8,7 @@ import torch
 from optd.engine import Engine, EngineConfig, EngineError, SamplingParams
 from optd.engine.kv_compress import SINKS
 from optd.kernels.kv_pages import FMT_INT4, FMT_INT8
+from tests.engine.kv_check import stored_vs_truth
 from tests.engine.retrieval import long_prompt, recall_gain
 
 PROMPTS = ["def fib(n):", "import os\n\nclass Path:", "for i in range(10):\n    "]
@@ -149,23 +150,6 @@ def test_long_context_retrieval_by_ratio(demo):
     assert gain[0.0] > 5
     assert gain[0.5] > 0.9 * gain[0.0] and gain[0.75] > 0.85 * gain[0.0]
     assert gain[0.875] > 0
-
-
-def stored_vs_truth(engine: Engine, seq) -> float:
-    """Largest error of the sequence's stored K/V (dequantized, packed pages then tail) against the K/V
-    a fresh 16-bit prefill of its tokens computes, relative to the largest magnitude. Valid while no
-    token was evicted (the stored tokens are then every position, in order)."""
-    stored = engine.compressor._stored(seq).float()  # [L, 2, n, H, D]
-    probe = engine.make_sequence(seq.token_ids[: seq.num_cached], SamplingParams(max_tokens=1))
-    engine.scheduler.grow(probe, probe.num_tokens)
-    try:
-        engine.runner.prefill([probe])
-        probe.num_cached = probe.num_tokens
-        truth = engine.compressor._tail(probe, probe.num_tokens).float()
-    finally:
-        engine.scheduler.release(probe)
-    assert stored.shape == truth.shape
-    return float((stored - truth).abs().max() / truth.abs().max())
 
 
 def test_changing_the_ratio_while_requests_run_loses_nothing_and_corrupts_no_cache():
