@@ -40,6 +40,9 @@ from optd.engine.weight_bits import (
     assign_bits,
     average_bits,
     current_bits,
+    head_bits,
+    head_bits_for,
+    head_nbytes,
     layers_nbytes,
     set_layer_bits,
 )
@@ -158,9 +161,8 @@ class Engine:
     @property
     def weight_bytes(self) -> int:
         """Bytes the linear layers' weights occupy now (lm_head included, embedding not)."""
-        head = self.model.lm_head
-        return sum(m.nbytes for m in self.model.modules() if isinstance(m, Linear)) + (
-            0 if head is None else head.weight.numel() * head.weight.element_size())
+        m = self.model
+        return sum(x.nbytes for x in m.modules() if isinstance(x, Linear)) + head_nbytes(m, head_bits(m))
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -474,8 +476,9 @@ class Engine:
         if target not in (4, 8, 16) and self._sensitivity is None:
             self._sensitivity = self._layer_sensitivity()
         bits = assign_bits(target, len(self.model.layers), self._sensitivity)
-        target_bytes = (self.weight_bytes + layers_nbytes(self.model, bits)
-                        - layers_nbytes(self.model, current_bits(self.model)))
+        m = self.model
+        target_bytes = (self.weight_bytes + layers_nbytes(m, bits) - layers_nbytes(m, current_bits(m))
+                        + head_nbytes(m, head_bits_for(bits)) - head_nbytes(m, head_bits(m)))
 
         def finish(failure: str | None) -> None:
             if failure is None:

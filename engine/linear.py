@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from optd.kernels.activation import silu_and_mul
 from optd.kernels.quant_linear import quant_linear
 from optd.kernels.quantize import (
     Int4Weight,
@@ -51,6 +52,15 @@ class Linear(nn.Module):
         if self.quant is None:
             return F.linear(x, self.weight, self.bias)
         out = quant_linear(x.reshape(-1, self.in_features), self.quant).view(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
+
+    def forward_swiglu(self, gate_up: Tensor) -> Tensor:
+        """self(silu(gate) * up) for gate_up = [gate | up]; quantized, the one-row kernels compute the
+        product while loading it (one kernel less per MLP at batch 1)."""
+        if self.quant is None:
+            return F.linear(silu_and_mul(gate_up), self.weight, self.bias)
+        x = gate_up.reshape(-1, 2 * self.in_features)
+        out = quant_linear(x, self.quant, swiglu=True).view(*gate_up.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
     def set_bits(self, bits: int, w16: Tensor) -> None:

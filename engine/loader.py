@@ -136,3 +136,12 @@ def load_layer_weights(folder: Path, cfg: ModelConfig, layer: int, device: torch
                     out[name] = torch.empty(sizes[kind], inputs[kind], dtype=dtype, device=device)
                 _slot(name, out[name], cfg, index).copy_(f.get_tensor(key).to(device=device, dtype=dtype))
     return out
+
+
+def load_tensor(folder: Path, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One checkpoint tensor by its name, fresh from the memory-mapped file (e.g. "lm_head.weight")."""
+    for shard in _shards(folder):
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            if key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                return f.get_tensor(key).to(device=device, dtype=dtype)
+    raise EngineError(f"{folder}: no tensor {key!r} in the checkpoint")

@@ -16,9 +16,9 @@ from optd.engine.kv_cache import KVPool
 from optd.engine.kv_compress import PrefillPacker
 from optd.engine.linear import Linear
 from optd.engine.model_config import ModelConfig, RopeConfig
-from optd.kernels.activation import silu_and_mul
 from optd.kernels.packed_attention import packed_paged_attention
 from optd.kernels.paged_attention import paged_attention
+from optd.kernels.quant_linear import Int8Weight, quant_linear
 from optd.kernels.rmsnorm import rms_norm
 from optd.kernels.rope import rope_and_cache
 
@@ -140,7 +140,7 @@ class MLP(nn.Module):
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(silu_and_mul(self.gate_up(x)))
+        return self.down.forward_swiglu(self.gate_up(x))
 
 
 class DecoderLayer(nn.Module):
@@ -172,6 +172,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         tied = cfg.tie_word_embeddings
         self.lm_head = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head_quant: Int8Weight | None = None  # the lm_head held in int8 (weight_bits <= 8)
         self.max_positions = max_positions
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -193,5 +194,7 @@ class LlamaModel(nn.Module):
         if batch.logits_rows is not None:
             x, residual = x[batch.logits_rows], residual[batch.logits_rows]
         h, _ = self.norm(x, residual)
+        if self.head_quant is not None:
+            return quant_linear(h, self.head_quant).float()
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight).float()

@@ -4,8 +4,10 @@ A change requantizes one decoder layer per engine-loop iteration, between steps,
 checkpoint (optd.engine.loader.load_layer_weights), so requests keep flowing and no second 16-bit copy
 of the model is ever held. Values between the formats (4, 8, 16) give each layer one of them:
 `assign_bits` spends the bit budget where the measured sensitivity (the probe's KL with that layer
-alone quantized) says it matters most. The embedding and lm_head stay 16-bit. The KV pool grows into
-the bytes fewer bits free and gives them back before more bits need them (Engine._start_switch).
+alone quantized) says it matters most. The embedding stays 16-bit; the lm_head is held in int8 (per
+output channel) once the layers average 8 bits or fewer, where it is the largest single read of a step
+(bench/RESULTS.md measures what it costs in quality). The KV pool grows into the bytes fewer bits free
+and gives them back before more bits need them (Engine._start_switch).
 """
 
 import time
@@ -14,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from optd.engine.linear import BITS, Linear
-from optd.engine.loader import load_layer_weights
+from optd.engine.loader import load_layer_weights, load_tensor
 from optd.engine.model import LlamaModel
 from optd.engine.model_config import ModelConfig
+from optd.kernels.quantize import quantize_int8, quantized_bytes
 
 Sensitivity = dict[int, dict[int, float]]  # layer -> bits (4 or 8) -> KL with that layer alone at those bits
 
@@ -35,6 +39,22 @@ def current_bits(model: LlamaModel) -> list[int]:
 def layers_nbytes(model: LlamaModel, bits: list[int]) -> int:
     """Bytes the decoder layers' linear weights take with layer i at bits[i] (from shapes alone)."""
     return sum(m.nbytes_at(b) for i, b in enumerate(bits) for m in layer_linears(model, i).values())
+
+
+def head_bits_for(layer_bits: list[int]) -> int:
+    return 8 if average_bits(layer_bits) <= 8 else 16
+
+
+def head_bits(model: LlamaModel) -> int:
+    return 16 if model.head_quant is None else 8
+
+
+def head_nbytes(model: LlamaModel, bits: int) -> int:
+    """Bytes the lm_head takes apart from the embedding at `bits` (a tied one shares it at 16)."""
+    n, k, dtype = model.cfg.vocab_size, model.cfg.hidden_size, model.embed.weight.dtype
+    if bits == 16:
+        return 0 if model.lm_head is None else n * k * dtype.itemsize
+    return quantized_bytes(n, k, bits, dtype)
 
 
 def average_bits(bits: list[int]) -> float:
@@ -75,9 +95,13 @@ def assign_bits(target: float, num_layers: int, sensitivity: Sensitivity | None)
     return best[top][1]
 
 
+HEAD = -1  # the lm_head's place in a switch's list of layers to swap
+
+
 @dataclass
 class WeightSwitch:
-    """One change of weight_bits in progress: `step()` requantizes the next layer that changes."""
+    """One change of weight_bits in progress: `step()` requantizes the next layer (or the lm_head) that
+    changes."""
 
     model: LlamaModel
     folder: Path
@@ -92,9 +116,17 @@ class WeightSwitch:
     def __post_init__(self) -> None:
         self.previous = current_bits(self.model)
         self.todo = [i for i, (a, b) in enumerate(zip(self.previous, self.target, strict=True)) if a != b]
+        self.head = (head_bits(self.model), head_bits_for(self.target))  # before, after
+        if self.head[0] != self.head[1]:
+            self.todo.append(HEAD)
         # Layers losing bits first: the weights never hold more bytes than at the start or the end (the
         # engine sizes the KV pool for the larger of the two).
-        self.todo.sort(key=lambda i: self.target[i] > self.previous[i])
+        self.todo.sort(key=lambda i: self._bits(i, after=True) > self._bits(i, after=False))
+
+    def _bits(self, i: int, after: bool) -> int:
+        if i == HEAD:
+            return self.head[after]
+        return (self.target if after else self.previous)[i]
 
     def step(self) -> bool:
         """Swap one layer; True when the switch is over (done or rolled back)."""
@@ -103,10 +135,10 @@ class WeightSwitch:
             return True
         layer = self.todo[0]
         try:
-            self._set_layer(layer, self.target[layer])
+            self._set_layer(layer, self._bits(layer, after=True))
         except Exception as e:  # e.g. out of memory: put back what was changed, keep serving
             for i in [layer, *reversed(self.swapped)]:  # newest first: the bytes never exceed both ends
-                self._set_layer(i, self.previous[i])
+                self._set_layer(i, self._bits(i, after=False))
             self.on_done(f"{type(e).__name__}: {e}; rolled back to {average_bits(self.previous):g} bits")
             return True
         self.swapped.append(self.todo.pop(0))
@@ -116,7 +148,10 @@ class WeightSwitch:
         return False
 
     def _set_layer(self, layer: int, bits: int) -> None:
-        set_layer_bits(self.model, self.folder, self.cfg, layer, bits)
+        if layer == HEAD:
+            set_head_bits(self.model, self.folder, bits)
+        else:
+            set_layer_bits(self.model, self.folder, self.cfg, layer, bits)
 
 
 def set_layer_bits(model: LlamaModel, folder: Path, cfg: ModelConfig, layer: int, bits: int) -> None:
@@ -128,3 +163,20 @@ def set_layer_bits(model: LlamaModel, folder: Path, cfg: ModelConfig, layer: int
     del weights
     if device.type == "cuda":
         torch.cuda.empty_cache()  # memory freed by fewer bits becomes available at once
+
+
+def set_head_bits(model: LlamaModel, folder: Path, bits: int) -> None:
+    """Hold the lm_head in int8 (from its 16-bit weight, whose memory is then freed; a tied head keeps
+    the embedding and adds the int8 copy) or back in 16 bits (an untied one re-read from the checkpoint)."""
+    head, device, dtype = model.lm_head, model.embed.weight.device, model.embed.weight.dtype
+    if bits == 16:
+        model.head_quant = None
+        if head is not None and head.weight.numel() == 0:
+            w16 = load_tensor(folder, "lm_head.weight", device, dtype)
+            head.weight = nn.Parameter(w16, requires_grad=False)
+    elif model.head_quant is None:
+        model.head_quant = quantize_int8(model.embed.weight if head is None else head.weight)
+        if head is not None:
+            head.weight = nn.Parameter(head.weight.new_empty(0), requires_grad=False)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -4,6 +4,7 @@ import itertools
 import threading
 
 import pytest
+import torch
 
 from optd.engine import Engine, EngineConfig, SamplingParams
 from optd.engine.linear import Linear
@@ -47,15 +48,20 @@ def test_quality_and_bytes_by_bits_and_an_exact_return_to_16(demo):
         report[bits] = demo.probe()
         if bits == 8:  # int8 per output channel: a byte per weight and a scale per row, in the model dtype
             shapes = [(m.out_features, m.in_features) for m in demo.model.modules() if isinstance(m, Linear)]
+            # At 8 bits or fewer the lm_head is int8 too: the demo's is tied, so that is a copy of the
+            # embedding's [vocab, hidden] (the embedding stays 16-bit for the lookup).
+            cfg = demo.model_config
+            shapes.append((cfg.vocab_size, cfg.hidden_size))
             scale = demo.dtype.itemsize
             assert demo.stats().weight_bytes == sum(n * k + scale * n for n, k in shapes)
+            assert demo.model.head_quant is not None
         print(f"weight_bits {bits}: top1 {report[bits].top1:.3f} kl {report[bits].kl:.4f} "
               f"weight_bytes {demo.stats().weight_bytes}")
     assert 0 < report[8].kl < report[6].kl < report[4].kl
     assert report[8].top1 > report[4].top1
     assert demo.stats().weight_bytes < 0.4 * full  # int4 packs 4 bits plus group scales and zeros
     assert demo.apply(weight_bits=16)["weight_bits"].status == "applied"
-    assert demo.stats().weight_bytes == full
+    assert demo.stats().weight_bytes == full and demo.model.head_quant is None
     assert [o.token_ids for o in demo.generate(PROMPTS, params)] == before
 
 
@@ -97,3 +103,25 @@ def test_invalid_values_are_rejected_with_a_reason(demo, value):
     outcome = demo.apply(weight_bits=value)["weight_bits"]
     assert outcome.status == "rejected" and "weight_bits must be a number in 4..16" in outcome.reason
     assert demo.knobs.weight_bits == 16
+
+
+def test_an_untied_lm_head_goes_int8_at_8_bits_and_comes_back_from_the_checkpoint(llama_dir):
+    """At 8 bits or fewer the lm_head is held in int8 and its 16-bit weight is freed; back at 16 bits it
+    is re-read from the checkpoint, so outputs are exactly as before (a head left quantized, or restored
+    from the wrong tensor, changes them)."""
+    config = EngineConfig(model=str(llama_dir), dtype="float32", max_model_len=128, max_num_seqs=4)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    with Engine(config) as engine:
+        head = engine.model.lm_head.weight.clone()
+        before = [o.token_ids for o in engine.generate(PROMPTS, params)]
+        full = engine.stats().weight_bytes
+        assert engine.apply(weight_bits=8)["weight_bits"].status == "applied"
+        assert engine.model.head_quant is not None and engine.model.lm_head.weight.numel() == 0
+        n, k = head.shape
+        layers = sum(m.nbytes for m in engine.model.modules() if isinstance(m, Linear))
+        assert engine.stats().weight_bytes == layers + n * k + 4 * n  # int8 codes and a float32 scale per row
+        assert engine.stats().weight_bytes < 0.3 * full
+        assert engine.apply(weight_bits=16)["weight_bits"].status == "applied"
+        assert engine.model.head_quant is None and torch.equal(engine.model.lm_head.weight, head)
+        assert engine.stats().weight_bytes == full
+        assert [o.token_ids for o in engine.generate(PROMPTS, params)] == before
