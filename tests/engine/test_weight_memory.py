@@ -165,7 +165,9 @@ def test_more_bits_take_the_pool_back_first_and_lose_no_request(engine):
     print(f"pool {grown} -> {blocks} blocks, {len(tables)} sequences kept ({moved} moved), errors {errors}")
     assert blocks == START_BLOCKS and pool_blocks(engine) == (START_BLOCKS,) * 3
     assert moved and all(b <= START_BLOCKS for t in tables for b in t)  # kept, their blocks moved
-    assert max(errors) < 1e-3  # another block's data would be off by its whole magnitude
+    # A few roundings of the dtype (bf16 on a GPU: 0.004 measured); another block's data would be off by
+    # its whole magnitude.
+    assert max(errors) < 2e-2
     assert engine.stats().preemptions_total > preempted
     assert len(outs) == 12 and all(o.finish_reason == "length" and len(o.token_ids) == 40 for o in outs)
     assert engine.knobs.weight_bits == 16 and engine.stats().kv_blocks_used == 0
