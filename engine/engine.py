@@ -168,10 +168,7 @@ class Engine:
         while not self._stopped:
             self._wake.clear()
             self._run_commands()
-            # Between two steps: requantize one layer of a weight_bits change, or capture one graph.
-            if self._switch is not None and self._switch.step():
-                self._switch = None
-            background = self._switch is not None or self._capture_next()
+            background = self._background()
             if not self.scheduler.has_work():
                 if not background:
                     self._wake.wait()
@@ -182,6 +179,21 @@ class Engine:
                 log.exception("engine step failed")  # keep the engine (and waiting requests) alive
                 for seq in list(self.scheduler.running):
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+
+    def _background(self) -> bool:
+        """Between two steps: requantize one layer of a weight_bits change, or capture one graph; True
+        while such work remains. A fault here is logged and ends that work (a change is reported failed,
+        a graph left uncaptured runs eagerly), never the engine loop."""
+        try:
+            if self._switch is not None and self._switch.step():
+                self._switch = None
+            return self._switch is not None or self._capture_next()
+        except Exception as e:
+            log.exception("background work between steps failed")
+            switch, self._switch = self._switch, None
+            if switch is not None:
+                switch.on_done(f"{type(e).__name__}: {e} (the change stopped part-way)")
+            return False
 
     def _run_commands(self) -> None:
         while True:

@@ -69,7 +69,7 @@ class FusedGreedySpec:
             self._program(meta, tables, b, k)  # warm-up: Triton compiles outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 self._out[:b, : 2 * k + 1] = self._program(meta, tables, b, k)
             self._graph_pool = graph.pool()
             self.graphs[b, k] = graph

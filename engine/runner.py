@@ -72,7 +72,9 @@ class ModelRunner:
             self._forward(meta, tables)  # warm-up: Triton compiles outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: CUDA calls from other threads (another engine in the process) must not
+            # invalidate this capture, nor this capture fail theirs.
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 self._logits[: b * width] = self._forward(meta, tables)
             self._graph_pool = graph.pool()
             self.graphs[b, width] = graph
