@@ -67,13 +67,13 @@ class FusedGreedySpec:
         with torch.inference_mode():
             meta, tables = self._meta[:, : 2 * b * (k + 1)], self._tables[: 2 * b]
             self._program(meta, tables, b, k)  # warm-up: Triton compiles outside the capture
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 self._out[:b, : 2 * k + 1] = self._program(meta, tables, b, k)
             self._graph_pool = graph.pool()
             self.graphs[b, k] = graph
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
         return bool(self._pending)
 
     def fits(self, seqs: list[Sequence], ks: list[int]) -> bool:

@@ -70,15 +70,15 @@ class ModelRunner:
         with torch.inference_mode():
             meta, tables = self._meta[:, : b * width], self._tables[: b * width]
             self._forward(meta, tables)  # warm-up: Triton compiles outside the capture
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
             graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA calls from other threads (another engine in the process) must not
-            # invalidate this capture, nor this capture fail theirs.
+            # thread_local, and stream (not device) syncs: another engine in the process capturing or
+            # running at the same time must not invalidate this capture, nor this one fail its calls.
             with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 self._logits[: b * width] = self._forward(meta, tables)
             self._graph_pool = graph.pool()
             self.graphs[b, width] = graph
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
         return bool(self._pending)
 
     def kv(self, seq: Sequence) -> tuple[list[int], int, int]:
