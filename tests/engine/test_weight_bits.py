@@ -9,6 +9,7 @@ import torch
 from optd.engine import Engine, EngineConfig, SamplingParams
 from optd.engine.linear import Linear
 from optd.engine.weight_bits import assign_bits, current_bits, set_layer_bits
+from optd.kernels.quantize import quantized_bytes
 
 PROMPTS = ["def fib(n):", "import os\n\nclass Path:", "for i in range(10):\n    "]
 
@@ -59,7 +60,11 @@ def test_quality_and_bytes_by_bits_and_an_exact_return_to_16(demo):
               f"weight_bytes {demo.stats().weight_bytes}")
     assert 0 < report[8].kl < report[6].kl < report[4].kl
     assert report[8].top1 > report[4].top1
-    assert demo.stats().weight_bytes < 0.4 * full  # int4 packs 4 bits plus group scales and zeros
+    # int4 layers (4 bits plus group scales and zeros) and the int8 copy of the tied lm_head
+    linears = [(m.out_features, m.in_features) for m in demo.model.modules() if isinstance(m, Linear)]
+    cfg = demo.model_config
+    assert demo.stats().weight_bytes == sum(quantized_bytes(n, k, 4, demo.dtype) for n, k in linears) + (
+        quantized_bytes(cfg.vocab_size, cfg.hidden_size, 8, demo.dtype))
     assert demo.apply(weight_bits=16)["weight_bits"].status == "applied"
     assert demo.stats().weight_bytes == full and demo.model.head_quant is None
     assert [o.token_ids for o in demo.generate(PROMPTS, params)] == before
