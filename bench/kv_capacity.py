@@ -3,10 +3,12 @@
 
     cd bench && python3 kv_capacity.py                  # Llama-3-8B shape (random weights), then demo
     python3 kv_capacity.py --layers 4 --kv-gib 0.25     # a quick check
+    python3 kv_capacity.py --bits 16,8,4 --ratios 0 --no-demo   # the pool grown by fewer weight bits
 
 Capacity: requests with `--context`-token prompts arrive all at once into a pool of `--kv-gib` GiB;
 the most sequences running at once, preemptions, bytes per token and decode tokens/s are reported per
-ratio, beside what the native pool would hold. Quality: engine.probe() (top-1 agreement and KL against
+ratio (and per weight_bits, whose freed bytes the pool grows into), beside what the native pool would
+hold. Quality: engine.probe() (top-1 agreement and KL against
 the 16-bit cache) and the recall gain of tests/engine/retrieval.py (nats a name's definition ~600
 tokens earlier adds to the name's log-probability where it is used), on the demo model.
 """
@@ -36,8 +38,8 @@ def capacity(folder: Path, args) -> list[dict]:
                           max_num_batched_tokens=16384)
     with Engine(config) as engine:
         engine.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-        for r in RATIOS:
-            assert engine.apply(kv_compression=r).ok
+        for bits, r in [(b, r) for b in args.bits for r in args.ratios]:
+            assert engine.apply(weight_bits=bits, kv_compression=r).ok
             engine.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # graphs captured
             preempted = engine.stats().preemptions_total
             most, per_token, outs = 0, [], []
@@ -52,7 +54,8 @@ def capacity(folder: Path, args) -> list[dict]:
                 time.sleep(0.005)
             worker.join()
             s = per_token[0] if per_token else engine.stats()
-            rows.append({"r": r, "most": most, "preempted": engine.stats().preemptions_total - preempted,
+            rows.append({"bits": bits, "r": r, "most": most,
+                         "preempted": engine.stats().preemptions_total - preempted,
                          "bytes_per_token": s.kv_bytes_per_token, "achieved": s.kv_compression_achieved,
                          "tokens_per_s": decode_rate(outs), "wall_s": time.perf_counter() - start,
                          "blocks": s.kv_blocks_total, "native_per_token": engine.pool.layout.bytes_per_token})
@@ -89,23 +92,32 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--bits", default="16", help="weight_bits values, in order (e.g. 16,8,4)")
+    p.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="kv_compression values")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo pair's quality and speed")
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     args = p.parse_args()
+    args.bits = [int(b) for b in args.bits.split(",")]
+    args.ratios = [float(r) for r in args.ratios.split(",")]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         write_checkpoint(Path(tmp), {**LLAMA3_8B, "num_hidden_layers": args.layers}, seed=0)
         rows = capacity(Path(tmp), args)
     torch.cuda.empty_cache()
-    quality = demo_quality()
     native = rows[0]["native_per_token"]
-    print(f"\n8B shape ({args.layers} layers), KV pool {args.kv_gib} GiB = {rows[0]['blocks']} blocks, "
-          f"{args.requests} requests of {args.context} + {args.new_tokens} tokens; native {native} B/token")
-    print(f"{'r':>6}{'most running':>14}{'vs r=0':>8}{'preempted':>11}{'B/token':>10}{'achieved':>10}"
-          f"{'tokens/s':>10}{'wall s':>8}")
+    print(f"\n8B shape ({args.layers} layers), KV pool {args.kv_gib} GiB at 16 bits = {rows[0]['blocks']} "
+          f"blocks, {args.requests} requests of {args.context} + {args.new_tokens} tokens; "
+          f"native {native} B/token")
+    print(f"{'bits':>5}{'r':>6}{'blocks':>8}{'most running':>14}{'vs first':>9}{'preempted':>11}"
+          f"{'B/token':>10}{'achieved':>10}{'tokens/s':>10}{'wall s':>8}")
     for row in rows:
-        print(f"{row['r']:>6}{row['most']:>14}{row['most'] / rows[0]['most']:>8.2f}{row['preempted']:>11}"
-              f"{row['bytes_per_token']:>10}{row['achieved']:>10.3f}{row['tokens_per_s']:>10.0f}"
-              f"{row['wall_s']:>8.1f}")
+        print(f"{row['bits']:>5}{row['r']:>6}{row['blocks']:>8}{row['most']:>14}"
+              f"{row['most'] / rows[0]['most']:>9.2f}{row['preempted']:>11}{row['bytes_per_token']:>10}"
+              f"{row['achieved']:>10.3f}"
+              f"{row['tokens_per_s']:>10.0f}{row['wall_s']:>8.1f}")
+    if args.no_demo:
+        return
+    quality = demo_quality()
     print("\ndemo pair (bf16): probe vs the 16-bit cache, recall gain (nats), batch-16 decode tokens/s")
     print(f"{'r':>6}{'top1':>8}{'KL':>10}{'recall':>9}{'tok/s k=0':>11}{'tok/s k=4':>11}")
     for q in quality:
