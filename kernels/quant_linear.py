@@ -441,6 +441,16 @@ if triton is not None:
         return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
+    def _gemv_rows(N, K, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """This GEMV program's output rows (and their mask, as int64) and its K tiles [t0, t1)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        return pid_n, pid_k, rn, rn < N, rn.to(tl.int64), t0, t1
+
+    @triton.jit
     def _gemv_int4_kernel(
         x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, KQ, NG, sqn, ssn, szn, tiles_per_split,
         split, magic, GROUP: tl.constexpr, EVEN_K: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
@@ -457,13 +467,7 @@ if triton is not None:
         GK: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
         TPG: tl.constexpr = BLOCK_K // GK
         OFFSET: tl.constexpr = 0.0 if EXACT else 128.0
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        rn64 = rn.to(tl.int64)
-        t0 = pid_k * tiles_per_split
-        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        pid_n, pid_k, rn, nmask, rn64, t0, t1 = _gemv_rows(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
         acc = tl.zeros([BLOCK_N, TPG], dtype=tl.float32)
         for t in tl.range(t0, t1, num_stages=STAGES):
             kw = t * WK + tl.arange(0, WK)
@@ -504,13 +508,7 @@ if triton is not None:
     ):
         """One row of x against BLOCK_N int8 weight rows on CUDA cores, over this program's share of K:
         products accumulate elementwise; one reduction and one scale per output channel at the end."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        rn64 = rn.to(tl.int64)
-        t0 = pid_k * tiles_per_split
-        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        pid_n, pid_k, rn, nmask, rn64, t0, t1 = _gemv_rows(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for t in tl.range(t0, t1, num_stages=STAGES):
             kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
