@@ -1,0 +1,73 @@
+"""Where a batch-1 decode step's time goes on a GPU: kernel time per token by kernel, at each weight_bits.
+
+    cd bench && python3 step_profile.py              # Llama-3-8B shape, random weights, 16 and 4 bits
+    python3 step_profile.py --layers 4 --bits 16     # a quick check
+
+One request of `--context` prompt tokens generates `--new-tokens`; the same request with one new token
+(its prefill alone) is profiled too, and the difference per kernel name, divided by the decode steps, is
+the decode step's kernel time by kernel (torch.profiler's CUDA activity, CUDA graphs included). Beside it:
+the wall time per token; wall minus the kernels' sum is what launches, gaps and the host add.
+"""
+
+import argparse
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from decode import LLAMA3_8B, write_checkpoint
+from torch.profiler import ProfilerActivity, profile
+
+from optd.engine import Engine, EngineConfig, SamplingParams
+
+
+def kernel_us(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[Counter, float]:
+    """Kernel microseconds by name for one generate, and its wall seconds."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+        wall = time.perf_counter() - start
+    times: Counter = Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] += e.device_time
+    return times, wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=65)
+    p.add_argument("--bits", default="16,4")
+    p.add_argument("--top", type=int, default=14)
+    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    args = p.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, LLAMA3_8B["vocab_size"], (args.context,), generator=g).tolist()
+    steps = args.new_tokens - 1
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        write_checkpoint(Path(tmp), {**LLAMA3_8B, "num_hidden_layers": args.layers}, seed=0)
+        config = EngineConfig(model=tmp, max_model_len=args.context + args.new_tokens + 16, max_num_seqs=1)
+        with Engine(config) as engine:
+            for bits in (int(b) for b in args.bits.split(",")):
+                assert engine.apply(weight_bits=bits)["weight_bits"].status == "applied"
+                for _ in range(2):  # graphs captured, kernels compiled
+                    engine.generate([prompt], SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
+                full, wall_full = kernel_us(engine, prompt, args.new_tokens)
+                prefill, wall_prefill = kernel_us(engine, prompt, 1)
+                per_step = Counter({k: (full[k] - prefill.get(k, 0.0)) / steps for k in full})
+                total = sum(per_step.values())
+                wall = (wall_full - wall_prefill) / steps * 1e6
+                print(f"\nweight_bits {bits}: wall {wall:.0f} us/token, kernels {total:.0f} us/token, "
+                      f"the rest (launches, gaps, host) {wall - total:.0f} us")
+                print(f"{'us/token':>9}{'share':>7}  kernel")
+                for name, us in per_step.most_common(args.top):
+                    print(f"{us:>9.1f}{us / total:>7.1%}  {name[:90]}")
+
+
+if __name__ == "__main__":
+    main()
