@@ -61,12 +61,12 @@ def test_outputs_at_zero_are_exactly_as_before_and_return_exactly(demo):
 
 
 def max_concurrent(r: float) -> tuple[int, int]:
-    """Most sequences running at once (and preemptions) for 40 requests of ~900-token prompts in a
-    fixed pool of 400 blocks (6400 native tokens)."""
-    with Engine(config(max_num_seqs=40, num_kv_blocks=400)) as engine:
+    """Most sequences running at once (and preemptions) for 40 requests of ~600-token prompts in a
+    fixed pool of 270 blocks (4320 native tokens)."""
+    with Engine(config(max_num_seqs=40, num_kv_blocks=270)) as engine:
         assert engine.apply(kv_compression=r).ok
-        prompt = long_prompt(900, engine.tokenizer)
-        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        prompt = long_prompt(600, engine.tokenizer)
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
         done, most = threading.Event(), 0
         worker = threading.Thread(target=lambda: (engine.generate([prompt] * 40, params), done.set()))
         worker.start()
