@@ -30,7 +30,7 @@ from optd.kernels.kv_pages import (
     tokens_per_page,
     unpack_pages,
 )
-from optd.kernels.paged_attention import TILE, paged_attention_ref
+from optd.kernels.paged_attention import TILE, attend_ref, paged_attention_ref
 
 try:
     import triton
@@ -79,13 +79,12 @@ def packed_paged_attention_ref(
     tail_lens: Tensor, scale: float, *, block_size: int, num_kv_heads: int, head_dim: int,
     out: Tensor | None = None,
 ) -> Tensor:
-    num_rows, num_heads, _ = q.shape
+    num_rows = q.shape[0]
     num_blocks, block_bytes = layer_data.shape
     if num_rows == 0 or not bool((packed_pages > 0).any()):
         # 16-bit pages only: exactly the existing op (a host sync, fine for a reference).
         kv = layer_data.view(q.dtype).view(num_blocks, 2, block_size, num_kv_heads, head_dim)
         return paged_attention_ref(q, kv[:, 0], kv[:, 1], block_tables, tail_lens, scale, out)
-    group = num_heads // num_kv_heads
     packed = packed_pages.long()[:, None]
     num_pages = packed + _ceil_div(tail_lens.long()[:, None], block_size)
     # Gather only as many pages as the longest row has (a host sync, like paged_attention_ref's).
@@ -118,20 +117,7 @@ def packed_paged_attention_ref(
     valid = (torch.arange(slots, device=q.device) < ntok[..., None]).view(num_rows, width * slots)
     k = k.view(num_rows, width * slots, num_kv_heads, head_dim)
     v = v.view(num_rows, width * slots, num_kv_heads, head_dim)
-    # Slots past a page's tokens may hold anything (never-written 16-bit pages: NaN): 0 * NaN = NaN.
-    k.masked_fill_(~valid[:, :, None, None], 0.0)
-    v.masked_fill_(~valid[:, :, None, None], 0.0)
-    qg = q.float().view(num_rows, num_kv_heads, group, head_dim)
-    scores = (qg @ k.permute(0, 2, 3, 1)) * scale  # [R, Hkv, G, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = probs.masked_fill(~valid.any(1)[:, None, None, None], 0.0)  # all -inf -> NaN -> 0
-    res = (probs @ v.transpose(1, 2)).view(num_rows, num_heads, head_dim).to(q.dtype)
-    if out is None:
-        return res
-    out.copy_(res)
-    return out
-
+    return attend_ref(q, k, v, valid, scale, out)
 
 if triton is not None:
 

@@ -25,9 +25,8 @@ def paged_attention_ref(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     scale: float, out: Tensor | None = None,
 ) -> Tensor:
-    num_tokens, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    num_tokens = q.shape[0]
+    block_size = k_cache.shape[1]
     if q.device.type == "cpu" and num_tokens > 0:
         # Gather only as many blocks as the longest row needs (a host sync, fine off the GPU).
         max_blocks = -(-int(context_lens.max()) // block_size)
@@ -37,19 +36,30 @@ def paged_attention_ref(
     k = k_cache[idx].flatten(1, 2).float()
     v = v_cache[idx].flatten(1, 2).float()
     valid = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None]
+    return attend_ref(q, k, v, valid, scale, out)
+
+
+def attend_ref(
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, out: Tensor | None = None,
+) -> Tensor:
+    """Attention of q [R, H, D] over each row's own float32 keys and values k, v [R, L, Hkv, D] (fresh
+    copies: masked in place) where valid [R, L]; a row with no valid slot gives zeros. The references of
+    this op and of kernels/packed_attention.py, once each has gathered its rows' K/V."""
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
     # Slots past the context may hold anything, NaN included (never-written pool memory): 0 * NaN = NaN.
+    k.masked_fill_(~valid[:, :, None, None], 0.0)
     v.masked_fill_(~valid[:, :, None, None], 0.0)
-    qg = q.float().view(num_tokens, num_kv_heads, group, head_dim)
-    scores = (qg @ k.permute(0, 2, 3, 1)) * scale  # [T, Hkv, G, L]
+    qg = q.float().view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = (qg @ k.permute(0, 2, 3, 1)) * scale  # [R, Hkv, G, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    probs = probs.masked_fill((context_lens == 0)[:, None, None, None], 0.0)  # all -inf -> NaN -> 0
-    res = (probs @ v.transpose(1, 2)).view(num_tokens, num_heads, head_dim).to(q.dtype)
+    probs = probs.masked_fill(~valid.any(1)[:, None, None, None], 0.0)  # all -inf -> NaN -> 0
+    res = (probs @ v.transpose(1, 2)).view(num_rows, num_heads, head_dim).to(q.dtype)
     if out is None:
         return res
     out.copy_(res)
     return out
-
 
 if triton is not None:
 
