@@ -488,9 +488,7 @@ class Engine:
         if target not in (4, 8, 16) and self._sensitivity is None:
             self._sensitivity = self._layer_sensitivity()
         bits = assign_bits(target, len(self.model.layers), self._sensitivity)
-        m = self.model
-        target_bytes = (self.weight_bytes + layers_nbytes(m, bits) - layers_nbytes(m, current_bits(m))
-                        + head_nbytes(m, head_bits_for(bits)) - head_nbytes(m, head_bits(m)))
+        target_bytes = layers_nbytes(self.model, bits) + head_nbytes(self.model, head_bits_for(bits))
 
         def finish(failure: str | None) -> None:
             if failure is None:

@@ -51,16 +51,18 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.quant is None:
             return F.linear(x, self.weight, self.bias)
-        out = quant_linear(x.reshape(-1, self.in_features), self.quant).view(*x.shape[:-1], -1)
-        return out if self.bias is None else out + self.bias
+        return self._quantized(x, swiglu=False)
 
     def forward_swiglu(self, gate_up: Tensor) -> Tensor:
         """self(silu(gate) * up) for gate_up = [gate | up]; quantized, the one-row kernels compute the
         product while loading it (one kernel less per MLP at batch 1)."""
         if self.quant is None:
             return F.linear(silu_and_mul(gate_up), self.weight, self.bias)
-        x = gate_up.reshape(-1, 2 * self.in_features)
-        out = quant_linear(x, self.quant, swiglu=True).view(*gate_up.shape[:-1], -1)
+        return self._quantized(gate_up, swiglu=True)
+
+    def _quantized(self, x: Tensor, swiglu: bool) -> Tensor:
+        width = 2 * self.in_features if swiglu else self.in_features
+        out = quant_linear(x.reshape(-1, width), self.quant, swiglu).view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
     def set_bits(self, bits: int, w16: Tensor) -> None:
