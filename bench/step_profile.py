@@ -6,7 +6,8 @@
 One request of `--context` prompt tokens generates `--new-tokens`; the same request with one new token
 (its prefill alone) is profiled too, and the difference per kernel name, divided by the decode steps, is
 the decode step's kernel time by kernel (torch.profiler's CUDA activity, CUDA graphs included). Beside it:
-the wall time per token; wall minus the kernels' sum is what launches, gaps and the host add.
+the wall time per token (unprofiled), and the step's CUDA graph replayed back to back: wall minus that
+is what the host adds between steps.
 """
 
 import argparse
@@ -36,6 +37,32 @@ def kernel_us(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[Count
     return times, wall
 
 
+def generate_s(engine: Engine, prompt: list[int], new_tokens: int, repeats: int = 3) -> float:
+    """Wall seconds of one generate, unprofiled (best of a few)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def replay_us(engine: Engine, n: int = 200) -> float:
+    """GPU time of one batch-1 decode step alone: the captured graph replayed back to back on the engine
+    thread, with no host work between replays."""
+    def timed() -> float:
+        graph = engine.runner.graphs[1, 1]
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / n
+    return engine._call(timed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32)
@@ -57,13 +84,16 @@ def main() -> None:
                 assert engine.apply(weight_bits=bits)["weight_bits"].status == "applied"
                 for _ in range(2):  # graphs captured, kernels compiled
                     engine.generate([prompt], SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
-                full, wall_full = kernel_us(engine, prompt, args.new_tokens)
-                prefill, wall_prefill = kernel_us(engine, prompt, 1)
+                decode_s = generate_s(engine, prompt, args.new_tokens) - generate_s(engine, prompt, 1)
+                wall = decode_s / steps * 1e6
+                full, _ = kernel_us(engine, prompt, args.new_tokens)
+                prefill, _ = kernel_us(engine, prompt, 1)
                 per_step = Counter({k: (full[k] - prefill.get(k, 0.0)) / steps for k in full})
                 total = sum(per_step.values())
-                wall = (wall_full - wall_prefill) / steps * 1e6
+                replay = replay_us(engine)
                 print(f"\nweight_bits {bits}: wall {wall:.0f} us/token, kernels {total:.0f} us/token, "
-                      f"the rest (launches, gaps, host) {wall - total:.0f} us")
+                      f"the rest (launches, gaps, host) {wall - total:.0f} us; the step's graph replayed "
+                      f"back to back: {replay:.0f} us (the host adds {wall - replay:.0f} us a token)")
                 print(f"{'us/token':>9}{'share':>7}  kernel")
                 for name, us in per_step.most_common(args.top):
                     print(f"{us:>9.1f}{us / total:>7.1%}  {name[:90]}")

@@ -19,6 +19,15 @@ except ImportError:  # the reference path must keep working without triton
 PARTITION_SIZE = 256
 # Tokens per inner tile; independent of the cache block size so that tl.dot always sees N >= 16.
 TILE = 64
+# Below this many (row, kv head) pairs, partitions are one tile long: at batch 1 and a few hundred tokens
+# of context, 256-token partitions give the GPU ~24 programs, each a chain of dependent loads (latency,
+# not bandwidth); one-tile partitions run 4x as many in parallel for a longer reduce.
+SMALL_GRID = 32
+
+
+def partition_size(num_tokens: int, num_kv_heads: int) -> int:
+    """Tokens per partition for a launch of this shape (shape only: the launch stays capturable)."""
+    return TILE if num_tokens * num_kv_heads < SMALL_GRID else PARTITION_SIZE
 
 
 def paged_attention_ref(
@@ -159,8 +168,9 @@ if triton is not None:
 
 def paged_attention_triton(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-    scale: float, out: Tensor | None = None,
+    scale: float, out: Tensor | None = None, part: int | None = None,
 ) -> Tensor:
+    """part: tokens per partition, a multiple of TILE (default: partition_size() for the shape)."""
     assert triton is not None, "paged_attention_triton needs triton; use paged_attention_ref"
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -175,7 +185,9 @@ def paged_attention_triton(
         return out
     group = num_heads // num_kv_heads
     # Grid and workspace come from shapes only, so the launch is capturable in a CUDA graph.
-    num_parts = triton.cdiv(block_tables.shape[1] * block_size, PARTITION_SIZE)
+    part = part or partition_size(num_tokens, num_kv_heads)
+    assert part % TILE == 0, f"partition of {part} tokens is not a multiple of the {TILE}-token tile"
+    num_parts = triton.cdiv(block_tables.shape[1] * block_size, part)
     single = num_parts == 1
     ws = (num_tokens, num_heads, 1 if single else num_parts)
     m = torch.empty(ws, dtype=torch.float32, device=q.device)
@@ -186,13 +198,13 @@ def paged_attention_triton(
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         out.stride(0), out.stride(1), num_heads, num_parts,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, PART=PARTITION_SIZE, TILE=TILE, SINGLE=single,
+        BLOCK_SIZE=block_size, PART=part, TILE=TILE, SINGLE=single,
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
     )
     if not single:
         reduce_partitions[(num_tokens, num_heads)](
             m, l, acc, context_lens, context_lens, out, out.stride(0), out.stride(1), num_heads, num_parts,
-            HEAD_DIM=head_dim, PART=PARTITION_SIZE, CHUNK=16, BLOCK_SIZE=block_size, PACKED=False,
+            HEAD_DIM=head_dim, PART=part, CHUNK=16, BLOCK_SIZE=block_size, PACKED=False,
         )
     return out
 

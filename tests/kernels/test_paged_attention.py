@@ -7,6 +7,7 @@ import torch
 
 from optd.kernels.paged_attention import (
     PARTITION_SIZE,
+    TILE,
     paged_attention,
     paged_attention_ref,
     paged_attention_triton,
@@ -82,10 +83,11 @@ def test_reference_matches_naive(case):
 
 
 @needs_triton
+@pytest.mark.parametrize("part", [TILE, PARTITION_SIZE])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"lens{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-bs{c[4]}")
-def test_triton_matches_reference_fp32(case):
+def test_triton_matches_reference_fp32(case, part):
     args = make_inputs(*case, dtype=torch.float32, seed=1)
-    got = paged_attention_triton(*args)
+    got = paged_attention_triton(*args, part=part)
     assert not got.isnan().any()
     torch.testing.assert_close(got, paged_attention_ref(*args), atol=1e-4, rtol=1e-4)
 
@@ -98,7 +100,7 @@ def test_triton_long_context_peak_in_last_partition():
     pos = torch.arange(n - 40, n)
     k[block_tables[0, pos // block_size].long(), pos % block_size, 0] = q[0, 0]
     args = (q, k, v, block_tables, lens, scale)
-    got = paged_attention_triton(*args)
+    got = paged_attention_triton(*args, part=PARTITION_SIZE)
     torch.testing.assert_close(got, paged_attention_ref(*args), atol=1e-4, rtol=1e-4)
 
 
