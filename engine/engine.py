@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, SimpleQueue
 
@@ -28,9 +29,9 @@ from optd.engine.outputs import Delta, EngineStats, RequestOutput
 from optd.engine.probe_texts import PROBE_TEXTS
 from optd.engine.quality import QualityReport, ReferenceStore, probe_key, timed_report
 from optd.engine.runner import ModelRunner
-from optd.engine.sampler import sample
+from optd.engine.sampler import PendingTokens, sample, sample_tokens
 from optd.engine.scheduler import Scheduler
-from optd.engine.sequence import Sequence
+from optd.engine.sequence import Sequence, Status
 from optd.engine.speculator import Speculator, make_drafter
 from optd.engine.streaming import OutputStream, Sink
 from optd.engine.tokenizer import Detokenizer, Tokenizer
@@ -128,6 +129,7 @@ class Engine:
                                                        config.cuda_graphs)
         self._model_folder = folder
         self._switch: WeightSwitch | None = None  # a weight_bits change in progress
+        self._in_flight: InFlight | None = None  # a decode step launched, its tokens not yet taken
         self._sensitivity: Sensitivity | None = None
         cache = config.quality_cache_dir
         self._references = ReferenceStore(Path(cache) if cache else None)
@@ -167,16 +169,22 @@ class Engine:
     def _loop(self) -> None:
         while not self._stopped:
             self._wake.clear()
-            self._run_commands()
-            background = self._background()
-            if not self.scheduler.has_work():
-                if not background:
-                    self._wake.wait()
-                continue
             try:
+                # Commands and background work see every sampled token taken (and change nothing under
+                # a step in flight); so does an idle engine.
+                busy = not self._inbox.empty() or self._switch is not None or self.runner.capturing
+                if self._in_flight is not None and (busy or not self.scheduler.has_work()):
+                    self._land(self._take_in_flight())
+                self._run_commands()
+                background = self._background()
+                if not self.scheduler.has_work():
+                    if not background:
+                        self._wake.wait()
+                    continue
                 self._step()
             except Exception as e:  # a bug or fault outside the model call: fail the running requests,
                 log.exception("engine step failed")  # keep the engine (and waiting requests) alive
+                self._in_flight = None
                 for seq in list(self.scheduler.running):
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
@@ -208,9 +216,19 @@ class Engine:
 
     def _step(self) -> None:
         k = self._knobs.spec_length
-        self.scheduler.lookahead = k
+        flight = self._take_in_flight()
+        if flight is not None and not self._may_chain(flight, k):
+            self._land(flight)  # this step starts from the tokens it sampled
+            flight = None
+        # A step in flight holds one more token per sequence than its token_ids show.
+        self.scheduler.lookahead = k + (flight is not None)
         step = self.scheduler.schedule()
-        if step is None:
+        chain = flight is not None and step is not None and not step.is_prefill and step.seqs == flight.seqs
+        if flight is not None and not chain:  # the scheduler preempted some: no chaining after all
+            self._land(flight, still_in_flight=True)  # keeps the slot this step writes
+            if step is not None:
+                step.seqs = [s for s in step.seqs if s.status is Status.RUNNING]
+        if step is None or not step.seqs:
             return
         seqs = step.seqs
         start = time.perf_counter()
@@ -220,36 +238,79 @@ class Engine:
                 new_tokens = [[t] for t in sample(self.runner.prefill(seqs, packer), seqs)]
                 if k > 0:
                     self._speculator.prefill(seqs)
-            elif k == 0:  # the plain decode path: no drafter work at all
-                new_tokens = [[t] for t in sample(self.runner.decode(seqs), seqs)]
+            elif k == 0:  # the plain decode path: launched now, its tokens taken at the next step
+                logits = self.runner.decode(seqs, flight.tokens.device if chain else None)
+                self._in_flight = InFlight(seqs, PendingTokens(sample_tokens(logits, seqs)), start)
+                if chain:  # the host's work on the previous step overlaps this one on the GPU
+                    self._land(flight, still_in_flight=True)
+                return
             else:
                 new_tokens = self._speculator.step(seqs, k)
         except Exception as e:  # a kernel or memory fault fails this step's requests, not the engine
             log.exception("step failed")
+            self._in_flight = None
             for seq in seqs:
-                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                if seq.status is not Status.FINISHED:
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
         if not step.is_prefill:
             seconds = time.perf_counter() - start
             self._step_time[k] = 0.9 * self._step_time.get(k, seconds) + 0.1 * seconds
-        c = self._counters
-        c.steps_total += 1
+        self._counters.steps_total += 1
         if step.is_prefill:
-            c.prompt_tokens_total += sum(s.prompt_len for s in seqs if s.num_generated == 0)
+            self._counters.prompt_tokens_total += sum(s.prompt_len for s in seqs if s.num_generated == 0)
         now = time.monotonic()
         for seq, tokens in zip(seqs, new_tokens, strict=True):
+            self._accept(seq, tokens, now)
+        self._leave_packed_mode_if_unused()
+
+    def _may_chain(self, flight: "InFlight", k: int) -> bool:
+        """Whether the next step can start from the tokens `flight` sampled, before they reach the host:
+        a plain decode of the same sequences (nothing waiting to be admitted), each with room for one
+        more token (a sequence that turns out finished wastes a row), and no page packing (which moves
+        blocks by token count)."""
+        s = self.scheduler
+        return (k == 0 and not s.waiting and s.running == flight.seqs
+                and self.compressor.ratio == 0 and not self.pool.packed_mode
+                and all(q.num_tokens + 1 < self.max_model_len and q.num_generated + 1 < q.params.max_tokens
+                        for q in flight.seqs))
+
+    def _take_in_flight(self) -> "InFlight | None":
+        flight, self._in_flight = self._in_flight, None
+        return flight
+
+    def _land(self, flight: "InFlight", still_in_flight: bool = False) -> None:
+        """Take a decode step's sampled tokens (waiting for them); `still_in_flight`: the next step,
+        launched on them, is writing each sequence's next K/V slot (kept when trimming blocks)."""
+        tokens = flight.tokens.wait()
+        seconds = time.perf_counter() - flight.started
+        self._step_time[0] = 0.9 * self._step_time.get(0, seconds) + 0.1 * seconds
+        self._counters.steps_total += 1
+        now = time.monotonic()
+        for seq, token in zip(flight.seqs, tokens, strict=True):
+            if seq.status is not Status.FINISHED:  # else stopped while this step ran: a wasted row
+                self._accept(seq, [token], now, keep=int(still_in_flight))
+        self._leave_packed_mode_if_unused()
+
+    def _accept(self, seq: Sequence, tokens: list[int], now: float, keep: int = 0) -> None:
+        """Append a step's new tokens to a sequence and stream them; a sequence preempted meanwhile
+        keeps them too (it is recomputed with them) but holds no cache."""
+        running = seq.status is Status.RUNNING
+        if running:
             # The K/V of everything before the last new token is now cached (rejected drafts' slots
-            # are simply overwritten later); blocks beyond that go back to the pool.
+            # are simply overwritten later); blocks beyond that (and `keep` more) go back to the pool.
             seq.num_cached = seq.num_tokens + len(tokens) - 1
             seq.draft_cached = min(seq.draft_cached, seq.num_cached)
-            for token in tokens:
-                seq.token_ids.append(token)
-                if reason := self._stream.on_token(seq, token, now):
-                    self._finish(seq, reason)
-                    break
-            else:
-                self.scheduler.truncate(seq, seq.num_cached)
-                self.compressor.pack(seq)
+        for token in tokens:
+            seq.token_ids.append(token)
+            if reason := self._stream.on_token(seq, token, now):
+                self._finish(seq, reason)
+                return
+        if running:
+            self.scheduler.truncate(seq, seq.num_cached + keep)
+            self.compressor.pack(seq)
+
+    def _leave_packed_mode_if_unused(self) -> None:
         if self.pool.packed_mode and self.compressor.ratio == 0 and not any(
                 s.packed_pages for s in self.scheduler.running):
             self._set_packed_mode(False)  # nothing packed is left: back to the 16-bit kernel
@@ -637,6 +698,15 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+@dataclass
+class InFlight:
+    """A plain decode step launched on the GPU whose sampled tokens the host has not taken yet."""
+
+    seqs: list[Sequence]
+    tokens: PendingTokens
+    started: float  # perf_counter() at its launch
 
 
 def _is_token_list(x) -> bool:

@@ -62,6 +62,11 @@ class ModelRunner:
         while now and self.capture_next():
             pass
 
+    @property
+    def capturing(self) -> bool:
+        """Graphs remain to capture (one per capture_next() call)."""
+        return bool(self._pending)
+
     def capture_next(self) -> bool:
         """Capture one pending graph (a step without it runs eagerly); True while more remain."""
         if not self._pending:
@@ -119,28 +124,41 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> Tensor:
-        """One new token per sequence: the last sampled one, whose K/V is not cached yet."""
-        chunks = [(s.num_tokens - 1, s.token_ids[-1:]) for s in seqs]
-        return torch.cat(self.extend(seqs, chunks, width=1))
+    def decode(self, seqs: list[Sequence], next_tokens: Tensor | None = None) -> Tensor:
+        """One new token per sequence: the last sampled one, whose K/V is not cached yet. With
+        next_tokens (on the device), each sequence's token from the step still in flight instead: not
+        in its token_ids yet, it goes at the position after them."""
+        if next_tokens is None:
+            chunks = [(s.num_tokens - 1, s.token_ids[-1:]) for s in seqs]
+        else:
+            chunks = [(s.num_tokens, [0]) for s in seqs]  # token ids filled in on the device
+        return torch.cat(self.extend(seqs, chunks, width=1, tokens=next_tokens))
 
     @torch.inference_mode()
-    def extend(self, seqs: list[Sequence], chunks: list[Chunk], width: int | None = None) -> list[Tensor]:
+    def extend(self, seqs: list[Sequence], chunks: list[Chunk], width: int | None = None,
+               tokens: Tensor | None = None) -> list[Tensor]:
         """Feed each sequence its chunk on top of its cache (each row attends to its own prefix);
         returns the logits of every fed row, per sequence. With `width` (>= every chunk), rows are
-        padded to it and a captured graph replays when there is one."""
+        padded to it and a captured graph replays when there is one. `tokens` (one-token chunks, on
+        the device) replace the chunks' token ids."""
         n = len(seqs)
         bucket = next((b for b in self.buckets if b >= n), None)
         graph = self.graphs.get((bucket, width)) if width else None
         if graph is None:  # eager: exactly the rows fed
             widths = [len(toks) for _, toks in chunks]
             meta, tables = self.row_inputs(seqs, chunks, widths, len(seqs))
-            logits = self._forward(meta.to(self.device), tables.to(self.device))
+            meta = meta.to(self.device)
+            if tokens is not None:
+                meta[0, :n] = tokens
+            logits = self._forward(meta, tables.to(self.device))
             return list(logits.split(widths))
         meta, tables = self.row_inputs(seqs, chunks, [width] * n, bucket)
         rows = meta.shape[1]
         self._meta[:, :rows].copy_(meta, non_blocking=True)
         self._tables[:rows].copy_(tables, non_blocking=True)
+        if tokens is not None:
+            assert width == 1, "device-side tokens feed one-token chunks"
+            self._meta[0, :n].copy_(tokens)
         graph.replay()
         logits = self._logits[:rows].view(bucket, width, -1)
         return [logits[i, : len(toks)] for i, (_, toks) in enumerate(chunks)]

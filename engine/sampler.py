@@ -23,12 +23,37 @@ def filtered_probs(logits: Tensor, temperature: float, top_k: int, top_p: float)
     return probs
 
 
-def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [len(seqs), vocab] float32."""
+def sample_tokens(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+    """logits: [len(seqs), vocab] float32; the tokens, on the logits' device (no host sync)."""
     tokens = logits.argmax(dim=-1)
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.temperature > 0:
             probs = filtered_probs(logits[i], p.temperature, p.top_k, p.top_p)
             tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
-    return tokens.tolist()
+    return tokens
+
+
+def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
+    return sample_tokens(logits, seqs).tolist()
+
+
+class PendingTokens:
+    """Tokens sampled on the device, on their way to the host: the copy is queued behind the step that
+    samples them, so the host can prepare (and launch) the next step before they arrive."""
+
+    def __init__(self, tokens: Tensor):
+        self.device = tokens
+        self._ready: torch.cuda.Event | None = None
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tokens
+
+    def wait(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
