@@ -27,10 +27,11 @@ def test_prefill_logits_match(pair):
     ids = PROMPTS[2]
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0]
-    n = len(ids)
-    batch = ForwardBatch(torch.arange(n), torch.arange(n), prefill_lens=[n])  # blocks 0.. in order
+    n, dev = len(ids), engine.device
+    slots = torch.arange(n, device=dev)  # blocks 0.. in order
+    batch = ForwardBatch(torch.arange(n, device=dev), slots, prefill_lens=[n])
     with torch.inference_mode():
-        got = engine.model(torch.tensor(ids), batch, engine.pool)
+        got = engine.model(torch.tensor(ids, device=dev), batch, engine.pool).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
