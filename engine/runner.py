@@ -56,6 +56,12 @@ class ModelRunner:
         self._tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev)
         self._logits = torch.empty(rows, self.model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self._meta[2] = self.pool.scratch_block * self.block_size
+        # Inputs reach the graph's buffers from pinned memory: a copy from pageable memory may wait for
+        # the stream, i.e. for the step still running, which would stall the next step's launch. Two
+        # buffers, each reused once the copies out of it have run.
+        self._staging = [(torch.empty(5, rows, dtype=torch.long, pin_memory=True),
+                          torch.empty(rows, self.max_blocks, dtype=torch.int32, pin_memory=True),
+                          torch.cuda.Event()) for _ in range(2)]
         self._graph_pool = None
         self._pending = [(b, w) for w in sorted(self.widths, reverse=True)
                          for b in sorted(self.buckets, reverse=True)]
@@ -154,8 +160,14 @@ class ModelRunner:
             return list(logits.split(widths))
         meta, tables = self.row_inputs(seqs, chunks, [width] * n, bucket)
         rows = meta.shape[1]
-        self._meta[:, :rows].copy_(meta, non_blocking=True)
-        self._tables[:rows].copy_(tables, non_blocking=True)
+        host_meta, host_tables, copied = self._staging[0]
+        self._staging.reverse()
+        copied.synchronize()
+        host_meta[:, :rows].copy_(meta)
+        host_tables[:rows].copy_(tables)
+        self._meta[:, :rows].copy_(host_meta[:, :rows], non_blocking=True)
+        self._tables[:rows].copy_(host_tables[:rows], non_blocking=True)
+        copied.record()
         if tokens is not None:
             assert width == 1, "device-side tokens feed one-token chunks"
             self._meta[0, :n].copy_(tokens)
