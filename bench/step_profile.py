@@ -7,7 +7,9 @@ One request of `--context` prompt tokens generates `--new-tokens`; the same requ
 (its prefill alone) is profiled too, and the difference per kernel name, divided by the decode steps, is
 the decode step's kernel time by kernel (torch.profiler's CUDA activity, CUDA graphs included). Beside it:
 the wall time per token (unprofiled), and the step's CUDA graph replayed back to back: wall minus that
-is what the host adds between steps.
+is what the host adds between steps. Kernels launched with programmatic dependent launch (kernels/pdl.py)
+are profiled from their early start, their wait for the previous kernel included: on a Hopper GPU read
+the replay time, and the profile only as a ranking.
 """
 
 import argparse

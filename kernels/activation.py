@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optd.kernels.pdl import pdl_options
 from optd.kernels.rmsnorm import round_code
 
 try:
@@ -16,6 +17,7 @@ try:
     import triton.language as tl
     from triton.language.extra import libdevice
 
+    from optd.kernels.pdl import pdl_wait
     from optd.kernels.rmsnorm import round_to
 except ImportError:  # the reference path must keep working without triton
     triton = None
@@ -34,7 +36,9 @@ if triton is not None:
     @triton.jit
     def _silu_and_mul_kernel(
         x_ptr, out_ptr, sx, so, inter, BLOCK: tl.constexpr, ROUND: tl.constexpr, LIBDEVICE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -60,7 +64,7 @@ def silu_and_mul_triton(x: Tensor) -> Tensor:
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
             x, out, x.stride(0), out.stride(0), inter,
             BLOCK=block, ROUND=round_code(x.dtype), LIBDEVICE=x.device.type != "cpu",
-            num_warps=4, enable_fp_fusion=False,
+            num_warps=4, enable_fp_fusion=False, **pdl_options(x.device),
         )
     return out
 

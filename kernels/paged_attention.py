@@ -7,9 +7,13 @@
 import torch
 from torch import Tensor
 
+from optd.kernels.pdl import pdl_options
+
 try:
     import triton
     import triton.language as tl
+
+    from optd.kernels.pdl import pdl_wait
 except ImportError:  # the reference path must keep working without triton
     triton = None
 
@@ -78,7 +82,9 @@ if triton is not None:
         sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, sbt, so0, so1, num_heads, num_parts,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         PART: tl.constexpr, TILE: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_wait(PDL)
         t = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -131,11 +137,12 @@ if triton is not None:
     def reduce_partitions(
         m_ptr, l_ptr, acc_ptr, lens_ptr, packed_ptr, out_ptr, so0, so1, num_heads, num_parts,
         HEAD_DIM: tl.constexpr, PART: tl.constexpr, CHUNK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        PACKED: tl.constexpr,
+        PACKED: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """Combine the partitions' (m, l, acc) of a row and head into its output. A partition is PART
         tokens of lens_ptr's context; with PACKED (kernels/packed_attention.py), PART pages of the row's
         packed_ptr packed pages and its 16-bit tail of lens_ptr tokens."""
+        pdl_wait(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1)
         if PACKED:
@@ -199,12 +206,13 @@ def paged_attention_triton(
         out.stride(0), out.stride(1), num_heads, num_parts,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, PART=part, TILE=TILE, SINGLE=single,
-        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, **pdl_options(q.device),
     )
     if not single:
         reduce_partitions[(num_tokens, num_heads)](
             m, l, acc, context_lens, context_lens, out, out.stride(0), out.stride(1), num_heads, num_parts,
             HEAD_DIM=head_dim, PART=part, CHUNK=16, BLOCK_SIZE=block_size, PACKED=False,
+            **pdl_options(q.device),
         )
     return out
 

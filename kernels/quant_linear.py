@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from optd.kernels.activation import silu_and_mul, silu_and_mul_ref
+from optd.kernels.pdl import pdl_options
 from optd.kernels.quantize import (
     INT4_GROUP,
     Int4Weight,
@@ -46,6 +47,8 @@ from optd.kernels.quantize import (
 try:
     import triton
     import triton.language as tl
+
+    from optd.kernels.pdl import pdl_wait
 except ImportError:  # the reference path must keep working without triton
     triton = None
 
@@ -309,11 +312,13 @@ if triton is not None:
         GROUP: tl.constexpr, OFFSET: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr,
         SPLIT: tl.constexpr, SXDOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K share] @ x^T [K share, BLOCK_M] over this program's
         share of K, grouped int4 (BLOCK_K inside one group), then (SPLIT) the partial sums' fixed-order
         reduction by the last program. Triton pipelines the operand loads through shared memory (STAGES
         tiles in flight)."""
+        pdl_wait(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -342,10 +347,12 @@ if triton is not None:
         INT4: tl.constexpr, GROUP: tl.constexpr, FAST: tl.constexpr, OFFSET: tl.constexpr,
         HALF: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """A BLOCK_M x BLOCK_N output tile over this program's share of K through tl.dot, x the left
         operand, weights dequantized in registers (int4 rounded to the activations' dtype, as the
         reference rounds them; int8 codes exact, the scale applied at the end)."""
+        pdl_wait(PDL)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -455,6 +462,7 @@ if triton is not None:
         x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, KQ, NG, sqn, ssn, szn, tiles_per_split,
         split, magic, GROUP: tl.constexpr, EVEN_K: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SWIGLU: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """One row of x against BLOCK_N rows of int4 words on CUDA cores, over this program's share of K.
         Word j of a row holds k = 8j..8j+7 (nibble n at k = 8j + 2n for n < 4, 8j + 2(n - 4) + 1
@@ -467,6 +475,7 @@ if triton is not None:
         GK: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
         TPG: tl.constexpr = BLOCK_K // GK
         OFFSET: tl.constexpr = 0.0 if EXACT else 128.0
+        pdl_wait(PDL)
         pid_n, pid_k, rn, nmask, rn64, t0, t1 = _gemv_rows(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
         acc = tl.zeros([BLOCK_N, TPG], dtype=tl.float32)
         for t in tl.range(t0, t1, num_stages=STAGES):
@@ -504,10 +513,11 @@ if triton is not None:
     def _gemv_int8_kernel(
         x_ptr, q_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqn, tiles_per_split, split,
         SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-        SWIGLU: tl.constexpr,
+        SWIGLU: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """One row of x against BLOCK_N int8 weight rows on CUDA cores, over this program's share of K:
         products accumulate elementwise; one reduction and one scale per output channel at the end."""
+        pdl_wait(PDL)
         pid_n, pid_k, rn, nmask, rn64, t0, t1 = _gemv_rows(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for t in tl.range(t0, t1, num_stages=STAGES):
@@ -558,7 +568,7 @@ def quant_linear_triton(x: Tensor, qw: Int8Weight | Int4Weight, config: KernelCo
     _check_config(cfg, m, int4)
     q, s = qw.q, qw.scale
     assert q.stride(-1) == 1 and s.stride(-1) == 1, "codes and scales must be contiguous along K"
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device))
     z = qw.zero if int4 else s  # int8: unused placeholder
     group = qw.group if int4 else 1
     ng, ss, sz = (s.shape[1], s.stride(0), z.stride(0)) if int4 else (1, 0, 0)

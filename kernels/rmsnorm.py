@@ -9,9 +9,13 @@ dtype, as PyTorch's add does), normalize that sum, and return `(normed, residual
 import torch
 from torch import Tensor
 
+from optd.kernels.pdl import pdl_options
+
 try:
     import triton
     import triton.language as tl
+
+    from optd.kernels.pdl import pdl_wait
 except ImportError:  # the reference path must keep working without triton
     triton = None
 
@@ -57,8 +61,9 @@ if triton is not None:
     @triton.jit
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, sx, sr, so, hidden, eps,
-        BLOCK: tl.constexpr, HAS_RES: tl.constexpr, ROUND: tl.constexpr,
+        BLOCK: tl.constexpr, HAS_RES: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -98,7 +103,7 @@ def rms_norm_triton(
         _rms_norm_kernel[(rows,)](
             x2, r2, weight, out2, x2.stride(0), r2.stride(0), out2.stride(0), hidden, eps,
             BLOCK=block, HAS_RES=residual is not None, ROUND=round_code(x.dtype),
-            num_warps=min(max(block // 256, 1), 16),
+            num_warps=min(max(block // 256, 1), 16), **pdl_options(x.device),
         )
     return out if residual is None else (out, residual)
 

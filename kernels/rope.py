@@ -12,12 +12,14 @@ Every slot must be valid (0 <= slot < num_blocks * block_size) and distinct with
 import torch
 from torch import Tensor
 
+from optd.kernels.pdl import pdl_options
 from optd.kernels.rmsnorm import round_code
 
 try:
     import triton
     import triton.language as tl
 
+    from optd.kernels.pdl import pdl_wait
     from optd.kernels.rmsnorm import round_to
 except ImportError:  # the reference path must keep working without triton
     triton = None
@@ -60,8 +62,9 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
         sq0, sq1, sk0, sk1, sv0, sv1, scos, ssin, skc0, skc1, skc2, svc0, svc1, svc2,
         HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-        HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROUND: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         d = tl.arange(0, HALF)
@@ -134,6 +137,7 @@ def rope_and_cache_triton(
         BLOCK_SIZE=k_cache.shape[1], ROUND=round_code(q.dtype),
         num_warps=4 if pad_q * head_dim <= 4096 else 8,
         enable_fp_fusion=False,  # x*cos + r*sin must round the products like PyTorch, not fuse to an fma
+        **pdl_options(q.device),
     )
 
 

@@ -434,10 +434,11 @@ cases = [
      {**gemv4, "GROUP": 32, "SPLIT": False, "EVEN_K": False, "SWIGLU": True}, 4),
     (QL._gemv_int8_kernel, ptrs("*i8"), gemv8, 4),
 ]
-for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx942", 64)):
+# Programmatic dependent launch (optd.kernels.pdl) on the NVIDIA target only, as at run time.
+for target, pdl in ((GPUTarget("cuda", 90, 32), True), (GPUTarget("hip", "gfx942", 64), False)):
     for fn, types, constexprs, warps in cases:
         try:
-            compile_for(target, fn, types, constexprs, warps)
+            compile_for(target, fn, types, {**constexprs, "PDL": pdl}, warps)
         except Exception as e:
             sys.exit(f"{target.arch} {fn.__name__} {constexprs}: {type(e).__name__}: {e}")
 print("compiled", len(cases), "kernels for sm_90 and gfx942")
