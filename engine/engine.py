@@ -243,6 +243,9 @@ class Engine:
                 self._in_flight = InFlight(seqs, PendingTokens(sample_tokens(logits, seqs)), start)
                 if chain:  # the host's work on the previous step overlaps this one on the GPU
                     self._land(flight, still_in_flight=True)
+                    # This step runs on the GPU from about when the previous one's tokens arrived: its
+                    # step time is the period between landings, not its time since launch (~two steps).
+                    self._in_flight.started = time.perf_counter()
                 return
             else:
                 new_tokens = self._speculator.step(seqs, k)
@@ -706,7 +709,7 @@ class InFlight:
 
     seqs: list[Sequence]
     tokens: PendingTokens
-    started: float  # perf_counter() at its launch
+    started: float  # perf_counter() when it started running (about: its launch, or the previous landing)
 
 
 def _is_token_list(x) -> bool:
