@@ -16,7 +16,6 @@ layer's pages once, from DRAM). Each kernel is checked against its reference fir
 """
 
 import argparse
-import itertools
 import math
 import time
 from dataclasses import replace
@@ -120,14 +119,24 @@ class Case:
 def describe(cfg: PackedConfig) -> str:
     cap = f" r{cfg.maxnreg}" if cfg.maxnreg else ""
     asm = "" if cfg.asm else " noasm"
-    return (f"ppp {cfg.pages_per_part} rows {cfg.tile_rows} w{cfg.num_warps} s{cfg.num_stages} "
-            f"pf{cfg.prefetch}{cap}{asm}")
+    return (f"ppp {cfg.pages_per_part} rows {cfg.tile_rows} w{cfg.num_warps} s{cfg.num_stages}/"
+            f"{cfg.quant_stages} pf{cfg.prefetch}{cap}{asm}")
 
 
-def sweep(case: "Case", secs: float, cfg: PackedConfig, bandwidth: float, deadline: float, label: str):
-    """The fastest of the default and the sweep's configs (each checked against the reference first),
-    greedily: pages per partition; then tile rows, warps and prefetch mode; then pipelining depth, a
-    register cap and the plain-Triton code conversion. Stops at the deadline."""
+# The sweep's kernel variants for quantized pages: (tile_rows, prefetch, quant_stages, maxnreg, num_warps).
+QUANT_VARIANTS = [
+    (128, 0, 1, 128, 4), (128, 1, 1, 128, 4), (128, 1, 2, 128, 4), (128, 2, 1, 128, 4), (128, 0, 2, 96, 4),
+    (64, 0, 2, 128, 4),
+]
+# Pages per partition the sweep tries (the tiles hold two int4 / two int8 pages: even counts).
+SWEEP_PPP = (4, 6, 8, 10, 12, 16, 20, 24, 32)
+
+
+def sweep(case: "Case", secs: float, cfg: PackedConfig, bandwidth: float, deadline: float, label: str,
+          tuned: dict):
+    """The fastest of the default and the sweep's configs (each checked against the reference first):
+    pages per partition, then (the first time a page format comes up) QUANT_VARIANTS around the best;
+    later cases of that format start from its best variant. Stops at the deadline."""
     best = (secs, cfg)
     seen = {cfg}
 
@@ -148,17 +157,17 @@ def sweep(case: "Case", secs: float, cfg: PackedConfig, bandwidth: float, deadli
               flush=True)
         best = min(best, (t, c), key=lambda x: x[0])
 
-    for ppp in (8, 16, 32, 64):
-        run(replace(cfg, pages_per_part=ppp))
-    if case.fmt != FMT_NATIVE:
-        for rows, warps, prefetch in itertools.product((64, 128), (4, 8), (0, 1, 2)):
-            run(replace(best[1], tile_rows=rows, num_warps=warps, prefetch=prefetch))
-    else:
-        run(replace(best[1], num_warps=8))
-    top = best[1]
-    for c in (replace(top, num_stages=2), replace(top, num_stages=4), replace(top, asm=False),
-              replace(top, maxnreg=128 if top.num_warps == 4 else 64)):
-        run(c)
+    start = tuned.get(case.fmt, cfg)
+    run(start)
+    for ppp in SWEEP_PPP:
+        run(replace(start, pages_per_part=ppp))
+    if case.fmt != FMT_NATIVE and case.fmt not in tuned:
+        for rows, prefetch, stages, maxnreg, warps in QUANT_VARIANTS:
+            run(replace(best[1], tile_rows=rows, prefetch=prefetch, quant_stages=stages, maxnreg=maxnreg,
+                        num_warps=warps))
+        top = best[1]
+        run(replace(top, asm=False))
+    tuned.setdefault(case.fmt, best[1])
     return best
 
 
@@ -176,7 +185,7 @@ def kernel_resources() -> str:
                 for key, v in consts.items():
                     idx = key[0] if isinstance(key, tuple) else key
                     name = names[idx] if isinstance(idx, int) and idx < len(names) else str(idx)
-                    if name in ("PPP", "PREFETCH", "NP8", "NP4", "ASM"):
+                    if name in ("PPP", "PREFETCH", "NS", "STAGES", "ASM"):
                         picked[name] = v
                 lines.append(f"  regs {kernel.n_regs} spills {kernel.n_spills} warps {md.num_warps} "
                              f"stages {getattr(md, 'num_stages', '?')} maxnreg {getattr(md, 'maxnreg', '?')} "
@@ -190,6 +199,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", default="8192,32768")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--formats", default="native,int8,int4", help="page formats for the packed kernel")
     p.add_argument("--sweep", action="store_true", help="time other kernel configs per case; print the best")
     p.add_argument("--budget-s", type=float, default=270, help="the sweep times no new config after this")
     args = p.parse_args()
@@ -202,16 +212,17 @@ def main() -> None:
     print(f"copy bandwidth (read+write): {bandwidth / 1e9:.0f} GB/s")
     g = torch.Generator(device="cuda").manual_seed(0)
     table = []
+    tuned = {}  # the sweep's best config per page format so far
     for context in (int(c) for c in args.contexts.split(",")):
         base = None
-        for name in ["16-bit kernel", "native", "int8", "int4"]:
+        for name in ["16-bit kernel", *args.formats.split(",")]:
             peer = name == "16-bit kernel"
             case = Case(FORMATS.get(name, FMT_NATIVE), context, args.batch, g)
             cfg = None if peer else default_config(args.batch, KV_HEADS, case.pages, case.q.device)
             err = case.check(peer, cfg)
             secs = time_calls(case.peer_call() if peer else case.packed_call(cfg), case.tables)
             if args.sweep and not peer:
-                secs, cfg = sweep(case, secs, cfg, bandwidth, deadline, f"ctx {context} {name}")
+                secs, cfg = sweep(case, secs, cfg, bandwidth, deadline, f"ctx {context} {name}", tuned)
             base = base or secs
             rate = case.read_bytes / secs
             where = "paged_attention" if peer else describe(cfg)

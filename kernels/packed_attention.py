@@ -9,11 +9,16 @@ block_size-token pages. Token order is irrelevant to attention (RoPE is already 
 16-bit copy of the cache; `packed_paged_attention` picks one by device.
 
 The kernel follows paged_attention's: flash-decoding partitions of `pages_per_part` pages per (row, kv
-head), then a reduce kernel; grid and workspace from shapes only (CUDA-graph capturable). Inside a
-partition, the quantized pages come first: when they share one format (the common case) they stream in
-tiles of several pages with no branch; where the format changes, one page at a time behind a branch on
-its format. Then the 16-bit tail, exactly as paged_attention does it (bit for bit the same result on
-16-bit-only tables with 256-token partitions).
+head), then a reduce kernel; grid and workspace from shapes only (CUDA-graph capturable). A partition of
+16-bit pages only runs exactly as paged_attention does (bit for bit the same result on 16-bit-only
+tables with 256-token partitions). A partition with quantized pages streams them in tiles of one or two
+pages of one format (each format's pages in a loop of their own, the others masked out), then its 16-bit
+tail. The tiles cost no arithmetic per dequantized element: K's per-channel scale and zero fold into q
+(per page), V's per-token ones into the probabilities, and the codes go to the tensor cores as float16
+1024 + code, built by bit operations (K's in the dot's own registers). Scores are transposed (tokens x
+query heads), so the query heads of a GQA group are the dots' N rather than rows padded to 16; a tile's
+two pages are two "streams" of each head (columns of their own, as flash-decoding partitions), joined
+at the end of the partition. bench/RESULTS.md has the H100 numbers.
 """
 
 import functools
@@ -43,13 +48,23 @@ except ImportError:  # the reference path must keep working without triton
 class PackedConfig:
     """Launch parameters of the Triton kernel (bench/kv_attention.py --sweep times alternatives)."""
 
-    pages_per_part: int  # pages per flash-decoding partition, a power of 2 (each page is block_bytes)
+    pages_per_part: int  # pages per flash-decoding partition (each page is block_bytes)
     num_warps: int = 4
-    num_stages: int = 3  # Triton's software pipelining depth (the 16-bit tail; codes with prefetch 0/1)
-    prefetch: int = 2  # 0, 1, 2: see _quant_pages
-    tile_rows: int = 128  # token rows per quantized tile: pages per tile = tile_rows // (T rounded up to 2^k)
+    num_stages: int = 3  # Triton's software pipelining depth for the 16-bit tail
+    quant_stages: int = 2  # the same for the quantized pages' loads (1: none)
+    prefetch: int = 0  # 0, 1, 2: see _quant_pages
+    # Token rows per int4 tile: pages per tile (1, 2) = tile_rows // (T4 rounded to 2^k), and 1 for GQA
+    # groups of more than 4 heads (see packed_paged_attention_triton).
+    tile_rows: int = 128
     asm: bool = True  # PTX for the code -> float16 step on NVIDIA GPUs (plain Triton elsewhere)
-    maxnreg: int | None = None  # a register cap per thread (more programs per SM), None: the compiler's
+    maxnreg: int | None = 128  # a register cap per thread (NVIDIA): 4 programs of 4 warps per SM
+
+
+# Programs of the partition kernel resident on one SM at once with the default config: 128 registers
+# per thread (maxnreg) and ~50 KB of shared memory each.
+PROGRAMS_PER_SM = 4
+# The most pages per partition the default config gives a program, while the grid fills whole waves.
+MAX_PAGES_PER_PART = 24
 
 
 @functools.cache
@@ -60,14 +75,20 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_config(num_rows: int, num_kv_heads: int, max_pages: int, device: torch.device) -> PackedConfig:
-    """From shapes only (the launch must be capturable in a CUDA graph): partitions sized for about 8
-    programs per SM when the table is full, 8 to 64 pages each. The H100 sweep (bench/kv_attention.py
-    --sweep, Llama-3-8B shape, batch 8) found 16-bit pages best at 64 pages per partition and int4 at 8
-    to 16, so one rule for both costs up to ~10 % (16-bit at 8k, int4 at 32k). The rest from the same
-    sweep: 4 warps (8 lose 30-50 %), tiles of 128 token rows, codes and scales prefetched in registers."""
-    pages = max_pages * num_rows * num_kv_heads // (8 * _sm_count(device))
-    ppp = min(64, max(8, 1 << max(pages, 1).bit_length() - 1))
-    return PackedConfig(pages_per_part=ppp)
+    """From shapes only (the launch must be capturable in a CUDA graph): the fewest waves of resident
+    programs in which no partition holds more than MAX_PAGES_PER_PART pages, partitions then as even as
+    the waves allow (an even count: a tile holds two pages). A last wave a fifth full costs about as much
+    as a full one; fewer, longer partitions save per-program setup and reduce work. The H100 sweeps
+    (bench/kv_attention.py --sweep, Llama-3-8B shape, batch 8): at 32k tokens int8 and int4 pages run
+    best at 20-24 pages per partition; at 8k, int8 at 18 pages = 1.9 waves in 72-75 us, against 95 us at
+    16 pages = 2.2 waves and 89 us at 24 pages = 1.5 waves."""
+    slots = PROGRAMS_PER_SM * _sm_count(device)
+    pairs = num_rows * num_kv_heads
+    min_parts = _ceil_div(max_pages, MAX_PAGES_PER_PART)
+    waves = _ceil_div(min_parts * pairs, slots)
+    parts = max(min_parts, waves * slots // pairs)
+    ppp = _ceil_div(max_pages, parts)
+    return PackedConfig(pages_per_part=max(2, ppp + ppp % 2))
 
 
 def _ceil_div(a, b):
@@ -132,43 +153,13 @@ if triton is not None:
         return p, alpha, m_new, l * alpha + tl.sum(p, 1)
 
     @triton.jit
-    def _tile_pages(bt_row, meta_ptr, start, i, count, T: tl.constexpr, NP: tl.constexpr):
-        """Block ids and token counts [NP] of the partition's quantized pages i..i+NP-1 (count 0 past
-        the last one: nothing of theirs is loaded)."""
-        j = i + tl.arange(0, NP)
-        here = j < count
-        blk = tl.load(bt_row + start + j, mask=here, other=0)
-        n = tl.load(meta_ptr + blk, mask=here, other=0) & 255
-        return blk, tl.where(here, tl.minimum(n, T), 0)
-
-    @triton.jit
-    def _load_codes(words_ptr, blk, n, kvh, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr,
-                    BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
-        """K and V codes of head kvh of NP quantized pages as int32 words [NP, TP, CB // 4], four code
-        bytes each (rows >= n zero)."""
-        t = tl.arange(0, TP)
-        w = tl.arange(0, CB // 4)
-        base = (blk.to(tl.int64) * BLOCK_BYTES + kvh * SLICE) // 4
-        rows = words_ptr + base[:, None, None] + (t[:, None] * (CB // 4) + w[None, :])[None, :, :]
-        mask = (t[None, :] < n[:, None])[:, :, None]
-        # The cache is streamed once per call: don't let it push q, tables and metadata out of L2.
-        kc = tl.load(rows, mask=mask, other=0, eviction_policy="evict_first")
-        vc = tl.load(rows + T * (CB // 4), mask=mask, other=0, eviction_policy="evict_first")
-        return kc, vc
-
-    @triton.jit
-    def _load_scales(half_ptr, blk, n, kvh, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
-        """K scale and zero [NP, HEAD_DIM], V scale and zero [NP, TP] (zero past n), float16."""
-        t = tl.arange(0, TP)
-        d = tl.arange(0, HEAD_DIM)
-        h = half_ptr + ((blk.to(tl.int64) * BLOCK_BYTES + kvh * SLICE) // 2 + T * CB)[:, None]  # after codes
-        ks = tl.load(h + d[None, :])
-        kz = tl.load(h + HEAD_DIM + d[None, :])
-        vmask = t[None, :] < n[:, None]
-        vs = tl.load(h + 2 * HEAD_DIM + t[None, :], mask=vmask, other=0.0)
-        vz = tl.load(h + 2 * HEAD_DIM + T + t[None, :], mask=vmask, other=0.0)
-        return ks, kz, vs, vz
+    def _column_softmax_step(s, m, l):
+        """_softmax_step over the columns of transposed scores s [N, NC] (one stream per column)."""
+        m_new = tl.maximum(m, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[None, :])
+        return p, alpha, m_new, l * alpha + tl.sum(p, 0)
 
     @triton.jit
     def _join4(o0, o1, o2, o3):
@@ -176,186 +167,380 @@ if triton is not None:
         return tl.join(tl.join(o0, o2), tl.join(o1, o3))
 
     @triton.jit
-    def _codes(w, INT4: tl.constexpr, NP: tl.constexpr, TP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               F16: tl.constexpr, ASM: tl.constexpr):
-        """Code words [NP, TP, W] -> [NP, TP, HEAD_DIM] floats x with no conversion instruction (they run
-        at a quarter rate on NVIDIA GPUs): the code goes into the low mantissa bits of 1024 (float16
-        0x6400) or of 2^23 (float32, which is then subtracted). int8: x = 1024 + c. int4 (even channel in
-        a byte's low nibble): even x = 1024 + c, odd x = 1024 + 16 c (the nibble stays where it is); the
-        caller scales the odd channels back. ASM (NVIDIA): PRMT builds two float16 from a word's bytes and
-        the 0x64 exponent byte; elsewhere the same bits by shifts and masks."""
-        if F16 and ASM:
-            if INT4:
-                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1, t2, t3;
-                    prmt.b32 t0, $8, 0x64646464, 0x4040;
-                    prmt.b32 t1, $8, 0x64646464, 0x4141;
-                    prmt.b32 t2, $8, 0x64646464, 0x4242;
-                    prmt.b32 t3, $8, 0x64646464, 0x4343;
-                    and.b32 t0, t0, 0xFFF0FF0F;
-                    and.b32 t1, t1, 0xFFF0FF0F;
-                    and.b32 t2, t2, 0xFFF0FF0F;
-                    and.b32 t3, t3, 0xFFF0FF0F;
-                    mov.b32 {$0, $1}, t0;
-                    mov.b32 {$2, $3}, t1;
-                    mov.b32 {$4, $5}, t2;
-                    mov.b32 {$6, $7}, t3;
-                    }""",
-                    constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], dtype=(tl.float16,) * 8, is_pure=True,
-                    pack=1)
-                x = tl.join(_join4(o0, o2, o4, o6), _join4(o1, o3, o5, o7))
-            else:
-                o0, o1, o2, o3 = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1;
-                    prmt.b32 t0, $4, 0x64646464, 0x4140;
-                    prmt.b32 t1, $4, 0x64646464, 0x4342;
-                    mov.b32 {$0, $1}, t0;
-                    mov.b32 {$2, $3}, t1;
-                    }""",
-                    constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
-                x = _join4(o0, o1, o2, o3)
-        else:
-            magic = 0x6400 if F16 else 0x4B000000
-            if INT4:
-                lo0 = (w & 0xF) | magic
-                hi0 = (w & 0xF0) | magic
-                lo1 = ((w >> 8) & 0xF) | magic
-                hi1 = ((w >> 8) & 0xF0) | magic
-                lo2 = ((w >> 16) & 0xF) | magic
-                hi2 = ((w >> 16) & 0xF0) | magic
-                lo3 = ((w >> 24) & 0xF) | magic
-                hi3 = ((w >> 24) & 0xF0) | magic
-                x = tl.join(_join4(lo0, lo1, lo2, lo3), _join4(hi0, hi1, hi2, hi3))
-            else:
-                x = _join4(w & 0xFF | magic, (w >> 8) & 0xFF | magic, (w >> 16) & 0xFF | magic,
-                           (w >> 24) & 0xFF | magic)
-            if F16:
-                x = x.to(tl.int16).to(tl.float16, bitcast=True)
-            else:
-                x = x.to(tl.float32, bitcast=True) - 8388608.0
-        return tl.reshape(x, [NP, TP, HEAD_DIM])
+    def _k_channels(INT4: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """The channel behind each K position of _k_codes (a permutation of 0..HEAD_DIM-1). int8: the
+        identity. int4: in each run of 8 * RUN channels (RUN code words: 4, or 2 when HEAD_DIM is 16),
+        position 4 RUN h + 4c + 2a + b holds channel 8c + 4b + 2h + a, so that each word's 8 channels land
+        in the 4 + 4 positions one thread holds in two consecutive k16 steps of an mma operand of kWidth 4
+        (Triton then streams the words through shared memory and unpacks them in the dot's own
+        registers)."""
+        p = tl.arange(0, HEAD_DIM)
+        if INT4:
+            RUN: tl.constexpr = 4 if HEAD_DIM >= 32 else HEAD_DIM // 8
+            return (p // (8 * RUN) * (8 * RUN) + (p // 4) % RUN * 8 + p % 2 * 4 + (p // (4 * RUN)) % 2 * 2
+                    + (p // 2) % 2)
+        return p
 
     @triton.jit
-    def _quant_tile(
-        qd, kc, vc, ks, kz, vs, vz, n, m, l, acc, scale_log2,
-        INT4: tl.constexpr, NP: tl.constexpr, TP: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr,
-        ASM: tl.constexpr,
-    ):
-        """NP quantized pages of one format (NP * TP token rows) into the online softmax; qd is q in the
-        dots' dtype: float16 for 16-bit models (bf16 ones too: its 11-bit mantissa keeps more of q, K and
-        p*vs than bf16's 8), else float32. K is dequantized per element (code * scale + zero, one
-        rounding: an fp16 cache's precision). V is not: sum_t p_t (c_t*vs_t + vz_t) = sum_t (p_t*vs_t) c_t
-        + sum_t p_t*vz_t, so its codes go to the dot as 1024 + c (an OR), the 1024 coming off with the
-        zero term. p*vs is scaled by 64 while in float16, keeping the small weights of long contexts out
-        of its subnormal range."""
-        ROWS: tl.constexpr = NP * TP
+    def _as_float(x, F16: tl.constexpr):
+        """Integer bits -> float16 (low 16 bits), or float32 less the 2^23 of its magic exponent."""
+        return x.to(tl.int16).to(tl.float16, bitcast=True) if F16 else x.to(tl.float32, bitcast=True) - 2**23
+
+    @triton.jit
+    def _int4_codes(w, F16: tl.constexpr, ASM: tl.constexpr):
+        """int4 code words -> 8 floats each, o_j the code of channel j // 2 + 4 (j % 2) of the word (even
+        channels in the low nibbles) as 1024 + c, odd channels 1024 + 16 c (the nibble stays where it
+        is; the caller scales them back); float32: c and 16 c. ASM (NVIDIA): two codes per AND-OR into
+        the mantissas of two float16 1024 (0x64006400)."""
+        if F16 and ASM:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t0, t1, t2, t3, s, e;
+                mov.b32 e, 0x64006400;
+                lop3.b32 t0, $8, 0x000F000F, e, 0xEA;
+                lop3.b32 t1, $8, 0x00F000F0, e, 0xEA;
+                shr.u32 s, $8, 8;
+                lop3.b32 t2, s, 0x000F000F, e, 0xEA;
+                lop3.b32 t3, s, 0x00F000F0, e, 0xEA;
+                mov.b32 {$0, $1}, t0;
+                mov.b32 {$2, $3}, t1;
+                mov.b32 {$4, $5}, t2;
+                mov.b32 {$6, $7}, t3;
+                }""",
+                constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=1)
+        else:
+            magic = 0x6400 if F16 else 0x4B000000
+            o0 = _as_float(w & 0xF | magic, F16)
+            o1 = _as_float((w >> 16) & 0xF | magic, F16)
+            o2 = _as_float(w & 0xF0 | magic, F16)
+            o3 = _as_float((w >> 16) & 0xF0 | magic, F16)
+            o4 = _as_float((w >> 8) & 0xF | magic, F16)
+            o5 = _as_float((w >> 24) & 0xF | magic, F16)
+            o6 = _as_float((w >> 8) & 0xF0 | magic, F16)
+            o7 = _as_float((w >> 24) & 0xF0 | magic, F16)
+        return o0, o1, o2, o3, o4, o5, o6, o7
+
+    @triton.jit
+    def _k_codes(w, INT4: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr,
+                 ASM: tl.constexpr):
+        """K code words [R, W] -> [R, HEAD_DIM] floats x in _k_channels order with no conversion
+        instruction (a quarter rate on NVIDIA GPUs): the code goes into the low mantissa bits of 1024
+        (float16 0x6400) or of 2^23 (float32, which is then subtracted). int8: x = 1024 + c. int4: see
+        _int4_codes. Every op on the way is elementwise or moves values within a thread, so Triton
+        streams the words (not the floats) through shared memory into the dot's operand layout."""
+        if INT4:
+            RUN: tl.constexpr = 4 if HEAD_DIM >= 32 else HEAD_DIM // 8
+            w4 = tl.reshape(w, [R, HEAD_DIM // (8 * RUN), RUN])
+            o0, o1, o2, o3, o4, o5, o6, o7 = _int4_codes(w4, F16, ASM)
+            # [R, W/RUN, word c, 2, 2 (o0..o3 or o4..o7), half h] -> [R, W/RUN, h, c, 2, 2]
+            x = tl.permute(tl.join(_join4(o0, o1, o2, o3), _join4(o4, o5, o6, o7)), 0, 1, 5, 2, 3, 4)
+        else:
+            x = _int8_codes(w, F16, ASM)
+        return tl.reshape(x, [R, HEAD_DIM])
+
+    @triton.jit
+    def _int8_codes(w, F16: tl.constexpr, ASM: tl.constexpr):
+        """int8 code words [..., W] -> [..., W, 4] floats 1024 + c (float32: c), byte k at k. ASM (NVIDIA):
+        a PRMT of two bytes and the 0x64 exponent byte makes two float16."""
+        if F16 and ASM:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t0, t1;
+                prmt.b32 t0, $4, 0x64646464, 0x4140;
+                prmt.b32 t1, $4, 0x64646464, 0x4342;
+                mov.b32 {$0, $1}, t0;
+                mov.b32 {$2, $3}, t1;
+                }""",
+                constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+            x = _join4(o0, o1, o2, o3)
+        else:
+            magic = 0x6400 if F16 else 0x4B000000
+            x = _as_float(_join4(w & 0xFF | magic, (w >> 8) & 0xFF | magic, (w >> 16) & 0xFF | magic,
+                                 (w >> 24) & 0xFF | magic), F16)
+        return x
+
+    @triton.jit
+    def _v_codes(w, INT4: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr,
+                 ASM: tl.constexpr):
+        """V code words [R, W] -> [R, HEAD_DIM] floats 1024 + c (float32: c). int8: channel order. int4
+        (_int4_codes, odd channels 1024 + 16 c): in each run of 8 channels, position 2k + h holds channel
+        k + 4h (_reorder8). V's dot reduces over tokens while the codes are packed along channels: these
+        floats go through shared memory to the dot (ldmatrix.trans)."""
+        if INT4:
+            o0, o1, o2, o3, o4, o5, o6, o7 = _int4_codes(w, F16, ASM)
+            x = tl.join(_join4(o0, o2, o4, o6), _join4(o1, o3, o5, o7))  # o_j at j
+        else:
+            x = _int8_codes(w, F16, ASM)
+        x = tl.reshape(x, [R, HEAD_DIM])
+        if F16 and ASM:
+            # An opaque copy: Triton sizes the dot's operand layout (kWidth) from the narrowest load
+            # before it and halves it per join on the way; through this it sees 16-bit values and keeps
+            # kWidth 2, where ldmatrix's registers are the mma's own (4 would shuffle them with moves).
+            x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=False,
+                                          pack=2)
+        return x
+
+    @triton.jit
+    def _page(bt_row, meta_ptr, start, j, count, FMT: tl.constexpr, T: tl.constexpr):
+        """Block id and visible token count of the partition's quantized page j: count 0 past the last
+        one and on pages of another format (nothing of theirs is loaded). Scalars: every thread holds
+        them, so the tile's rows and columns pick theirs with no exchange between threads."""
+        here = j < count
+        blk = tl.load(bt_row + start + j, mask=here, other=0)
+        meta = tl.load(meta_ptr + blk, mask=here, other=0)
+        return blk, tl.where(here & (meta >> 8 == FMT), tl.minimum(meta & 255, T), 0)
+
+    @triton.jit
+    def _pick(slot, a0, a1):
+        """Per row or column of a tile: a0 in slot 0, a1 in slot 1 (a tile holds one or two pages)."""
+        return tl.where(slot == 0, a0, a1)
+
+    @triton.jit
+    def _k_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4: tl.constexpr, T: tl.constexpr,
+                 TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, G2: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
+        """The K of a tile of pages (blk0, n0) and (blk1, n1) in slots 0 and 1: row j*TP+t is token t of
+        page j, column j*G2+g query head g of its streams. Code words [NS*TP, CB/4] (zero past the
+        visible tokens) and the columns' K scale and zero [NC, HEAD_DIM] in _k_codes' channel order
+        (zero past the tile's pages)."""
+        rows = tl.arange(0, NS * TP)
+        slot = rows // TP
+        t = rows % TP
+        base = _pick(slot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4) + t * (CB // 4)
+        # The cache is streamed once per call: don't let it push q, tables and metadata out of L2.
+        kc = tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :],
+                     mask=(t < _pick(slot, n0, n1))[:, None], other=0, eviction_policy="evict_first")
+        # Halves after the codes: K scale [D] | K zero [D] | V scale [T] | V zero [T].
+        cslot = tl.arange(0, NC) // G2
+        h = _pick(cslot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB
+        h = half_ptr + h[:, None] + _k_channels(INT4, HEAD_DIM)[None, :]
+        here = (cslot < NS) & (_pick(cslot, n0, n1) > 0)
+        ks = tl.load(h, mask=here[:, None], other=0.0)
+        kz = tl.load(h + HEAD_DIM, mask=here[:, None], other=0.0)
+        return kc, ks, kz
+
+    @triton.jit
+    def _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T: tl.constexpr, TP: tl.constexpr,
+                 CB: tl.constexpr, NS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                 SLICE: tl.constexpr):
+        """The V of a tile (as _k_loads): code words [NS*TP, CB/4] and the rows' V scale and zero
+        [NS*TP] (zero past the visible tokens)."""
+        rows = tl.arange(0, NS * TP)
+        slot = rows // TP
+        t = rows % TP
+        blk = _pick(slot, blk0, blk1).to(tl.int64)
+        here = t < _pick(slot, n0, n1)
+        base = blk * (BLOCK_BYTES // 4) + kvh * (SLICE // 4) + (T + t) * (CB // 4)
+        vc = tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :], mask=here[:, None], other=0,
+                     eviction_policy="evict_first")
+        h = half_ptr + blk * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB + 2 * HEAD_DIM + t
+        vs = tl.load(h, mask=here, other=0.0)
+        vz = tl.load(h + T, mask=here, other=0.0)
+        return vc, vs, vz
+
+    @triton.jit
+    def _add3(a0, a1, a2, b0, b1, b2):
+        return a0 + b0, a1 + b1, a2 + b2
+
+    @triton.jit
+    def _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4: tl.constexpr, TP: tl.constexpr, NS: tl.constexpr,
+                     NC: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr,
+                     ASM: tl.constexpr):
+        """A tile's log2-scaled scores, transposed [NS*TP, NC] (-inf off each column's page and past its
+        visible tokens), into the column streams' softmax: (p, alpha, m). qs [NC, D] is q * scale *
+        log2(e) in float32 per column, channels in _k_codes' order (zero in unused columns); n0, n1 the
+        visible tokens of the tile's pages.
+
+        No dequantization per element: K's per-channel scale goes into q, once per page and column
+        (q_s . (c*ks + kz) = (q_s*ks) . c + q_s . kz), the codes go to the dot as x = 1024 + c (float16,
+        exact; float32 models: x = c) and the 1024 comes off with the zero term, from the same rounded
+        q'. Scores are transposed (tokens as M, the few query heads as N = NC): no padding to 16 rows."""
+        R: tl.constexpr = NS * TP
+        dt = tl.float16 if F16 else tl.float32
+        off = 1024.0 if F16 else 0.0
+        # int4's odd channels come as 16 c.
+        cs = tl.where((_k_channels(INT4, HEAD_DIM) % 2 == 1) & INT4, 0.0625, 1.0)
+        qk = (qs * ks.to(tl.float32) * cs[None, :]).to(dt)
+        bias = tl.sum(qs * kz.to(tl.float32) - off * qk.to(tl.float32), 1)
+        x = _k_codes(kc, INT4, R, HEAD_DIM, F16, ASM)
+        s = tl.dot(x, tl.trans(qk), input_precision="ieee") + bias[None, :]  # [R, NC]; ieee: no tf32
+        rows = tl.arange(0, R)
+        n = _pick(rows // TP, n0, n1)
+        valid = (rows[:, None] // TP == tl.arange(0, NC)[None, :] // G2) & (rows % TP < n)[:, None]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return tl.exp2(s - m_safe[None, :]), tl.exp2(m - m_safe), m_new
+
+    @triton.jit
+    def _tile_values(p, alpha, vc, vs, vz, l, acc, INT4: tl.constexpr, TP: tl.constexpr, NS: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+        """The tile's probabilities p [NS*TP, NC] times its V into the streams' (l [NC], acc [D, NC],
+        acc's rows in _v_codes' order). V's per-token scale and zero go into p: sum_t p_t (c_t*vs_t +
+        vz_t) = sum_t (p_t*vs_t) c_t + sum_t p_t*vz_t, the codes into the dot as 1024 + c, the 1024 off
+        with the sum of the rounded p*vs (scaled by 64 while in float16, out of its subnormal range)."""
         dt = tl.float16 if F16 else tl.float32
         off = 1024.0 if F16 else 0.0
         vs_scale = 64.0 if F16 else 1.0
-        # Per channel: x * cs + co = the code (int4's odd channels hold 16 c).
-        if INT4:
-            cs = tl.where(tl.arange(0, HEAD_DIM) % 2 == 1, 0.0625, 1.0)
-        else:
-            cs = tl.full([HEAD_DIM], 1.0, tl.float32)
-        co = -off * cs
-        code = _codes(kc, INT4, NP, TP, HEAD_DIM, F16, ASM) * cs.to(dt)[None, None, :]
-        code = code + co.to(dt)[None, None, :]  # exact: the 1024 offset off
-        k = tl.reshape(code * ks.to(dt)[:, None, :] + kz.to(dt)[:, None, :], [ROWS, HEAD_DIM])
-        s = tl.dot(qd, tl.trans(k), input_precision="ieee") * scale_log2  # ieee: no tf32 on fp32
-        valid = tl.reshape(tl.arange(0, TP)[None, :] < n[:, None], [ROWS])
-        s = tl.where(valid[None, :], s, float("-inf"))
-        p, alpha, m, l = _softmax_step(s, m, l)
-        pv = (p * tl.reshape(vs.to(tl.float32) * vs_scale, [ROWS])[None, :]).to(dt)
-        vzr = tl.reshape(vz.to(tl.float32), [ROWS])
-        bias = tl.sum(p * vzr[None, :], 1)
-        spv = tl.sum(pv.to(tl.float32), 1)
-        vq = tl.reshape(_codes(vc, INT4, NP, TP, HEAD_DIM, F16, ASM), [ROWS, HEAD_DIM])
-        pvc = tl.dot(pv, vq, input_precision="ieee")
-        acc = acc * alpha[:, None] + (pvc - off * spv[:, None]) * (cs / vs_scale)[None, :] + bias[:, None]
-        return m, l, acc
+        pv = (p * (vs.to(tl.float32) * vs_scale)[:, None]).to(dt)
+        # One reduction over the tile's rows for the three column sums.
+        sp, spv, zv = tl.reduce((p, pv.to(tl.float32), p * vz.to(tl.float32)[:, None]), 0, _add3)
+        o = tl.dot(tl.trans(_v_codes(vc, INT4, NS * TP, HEAD_DIM, F16, ASM)), pv, input_precision="ieee")
+        cs = tl.where((tl.arange(0, HEAD_DIM) // 2 % 2 == 1) & INT4, 0.0625, 1.0)  # int4's 16 c (odd ch.)
+        acc = acc * alpha[None, :] + (o - off * spv[None, :]) * (cs / vs_scale)[:, None] + zv[None, :]
+        return l * alpha + sp, acc
 
     @triton.jit
     def _quant_pages(
-        qd, words_ptr, half_ptr, meta_ptr, bt_row, start, count, kvh, m, l, acc, scale_log2,
-        INT4: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr, PREFETCH: tl.constexpr,
-        F16: tl.constexpr, ASM: tl.constexpr,
+        q_ptr, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row, start, count, kvh, m, l,
+        acc, FMT: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr,
+        NC: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+        SLICE: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
+        ASM: tl.constexpr,
     ):
-        """The partition's quantized pages, all of one format (the common case: no branch), NP per tile.
-        PREFETCH 0: every load in the loop, for Triton's software pipeliner (num_stages) to stream; 1: the
-        scales (too few bytes per thread for the pipeliner) one tile ahead in registers, the codes left
-        to the pipeliner; 2: codes and scales one tile ahead in registers."""
+        """The partition's quantized pages of format FMT (others count as empty), NS per tile.
+        STAGES: Triton's software pipelining of the loop (1: none). PREFETCH 0: every load of a tile at
+        its start. 1: the page lookups (table, then metadata: two dependent loads) one tile ahead, the codes
+        at the tile's start. 2: V's codes and scales one tile ahead too."""
+        INT4: tl.constexpr = FMT == 2
+        # q * scale * log2(e) per column, channels in _k_codes' order.
+        qs = tl.load(q_ptr + q_cols[:, None] + _k_channels(INT4, HEAD_DIM)[None, :], mask=q_mask[:, None],
+                     other=0.0).to(tl.float32) * scale_log2
         if PREFETCH == 0:
-            for i in range(0, count, NP):
-                blk, n = _tile_pages(bt_row, meta_ptr, start, i, count, T, NP)
-                kc, vc = _load_codes(words_ptr, blk, n, kvh, T, TP, CB, BLOCK_BYTES, SLICE)
-                ks, kz, vs, vz = _load_scales(half_ptr, blk, n, kvh, T, TP, CB, HEAD_DIM, BLOCK_BYTES, SLICE)
-                m, l, acc = _quant_tile(qd, kc, vc, ks, kz, vs, vz, n, m, l, acc, scale_log2, INT4, NP, TP,
-                                        HEAD_DIM, F16, ASM)
-        elif PREFETCH == 1:
-            blk, n = _tile_pages(bt_row, meta_ptr, start, 0, count, T, NP)
-            ks, kz, vs, vz = _load_scales(half_ptr, blk, n, kvh, T, TP, CB, HEAD_DIM, BLOCK_BYTES, SLICE)
-            for i in range(0, count, NP):
-                cblk, cn = _tile_pages(bt_row, meta_ptr, start, i, count, T, NP)  # from i: pipelineable
-                kc, vc = _load_codes(words_ptr, cblk, cn, kvh, T, TP, CB, BLOCK_BYTES, SLICE)
-                blk1, n1 = _tile_pages(bt_row, meta_ptr, start, i + NP, count, T, NP)
-                ks1, kz1, vs1, vz1 = _load_scales(half_ptr, blk1, n1, kvh, T, TP, CB, HEAD_DIM, BLOCK_BYTES,
-                                                  SLICE)
-                m, l, acc = _quant_tile(qd, kc, vc, ks, kz, vs, vz, n, m, l, acc, scale_log2, INT4, NP, TP,
-                                        HEAD_DIM, F16, ASM)
-                ks, kz, vs, vz, n = ks1, kz1, vs1, vz1, n1
+            for i in tl.range(0, count, NS, num_stages=STAGES):
+                blk0, n0 = _page(bt_row, meta_ptr, start, i, count, FMT, T)
+                blk1, n1 = _page(bt_row, meta_ptr, start, i + 1, count if NS > 1 else 0, FMT, T)
+                kc, ks, kz = _k_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, NC,
+                                      G2, HEAD_DIM, BLOCK_BYTES, SLICE)
+                vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
+                                      BLOCK_BYTES, SLICE)
+                p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
+                                           ASM)
+                l, acc = _tile_values(p, alpha, vc, vs, vz, l, acc, INT4, TP, NS, HEAD_DIM, F16, ASM)
         else:
-            blk, n = _tile_pages(bt_row, meta_ptr, start, 0, count, T, NP)
-            kc, vc = _load_codes(words_ptr, blk, n, kvh, T, TP, CB, BLOCK_BYTES, SLICE)
-            ks, kz, vs, vz = _load_scales(half_ptr, blk, n, kvh, T, TP, CB, HEAD_DIM, BLOCK_BYTES, SLICE)
-            for i in range(0, count, NP):
-                blk1, n1 = _tile_pages(bt_row, meta_ptr, start, i + NP, count, T, NP)
-                kc1, vc1 = _load_codes(words_ptr, blk1, n1, kvh, T, TP, CB, BLOCK_BYTES, SLICE)
-                ks1, kz1, vs1, vz1 = _load_scales(half_ptr, blk1, n1, kvh, T, TP, CB, HEAD_DIM, BLOCK_BYTES,
-                                                  SLICE)
-                m, l, acc = _quant_tile(qd, kc, vc, ks, kz, vs, vz, n, m, l, acc, scale_log2, INT4, NP, TP,
-                                        HEAD_DIM, F16, ASM)
-                kc, vc, ks, kz, vs, vz, n = kc1, vc1, ks1, kz1, vs1, vz1, n1
+            blk0, n0 = _page(bt_row, meta_ptr, start, 0, count, FMT, T)
+            blk1, n1 = _page(bt_row, meta_ptr, start, 1, count if NS > 1 else 0, FMT, T)
+            if PREFETCH == 2:
+                vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
+                                      BLOCK_BYTES, SLICE)
+            for i in tl.range(0, count, NS, num_stages=STAGES):
+                # This tile's K at its start (held in registers across iterations, the codes would miss
+                # the path through shared memory that unpacks them in the dot's registers).
+                kc, ks, kz = _k_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, NC,
+                                      G2, HEAD_DIM, BLOCK_BYTES, SLICE)
+                if PREFETCH == 1:
+                    vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS,
+                                          HEAD_DIM, BLOCK_BYTES, SLICE)
+                nblk0, nn0 = _page(bt_row, meta_ptr, start, i + NS, count, FMT, T)
+                nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count if NS > 1 else 0, FMT, T)
+                p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
+                                           ASM)
+                if PREFETCH == 2:
+                    vc1, vs1, vz1 = _v_loads(words_ptr, half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, TP, CB, NS,
+                                             HEAD_DIM, BLOCK_BYTES, SLICE)
+                l, acc = _tile_values(p, alpha, vc, vs, vz, l, acc, INT4, TP, NS, HEAD_DIM, F16, ASM)
+                if PREFETCH == 2:
+                    vc, vs, vz = vc1, vs1, vz1
+                blk0, n0, blk1, n1 = nblk0, nn0, nblk1, nn1
         return m, l, acc
 
     @triton.jit
-    def _quant_page_any(
-        qd, words_ptr, half_ptr, meta_ptr, bt_row, start, i, count, kvh, m, l, acc, scale_log2,
-        INT4: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
-    ):
-        """Page i of the partition alone (a partition where the format changes)."""
-        blk, n = _tile_pages(bt_row, meta_ptr, start, i, count, T, 1)
-        kc, vc = _load_codes(words_ptr, blk, n, kvh, T, TP, CB, BLOCK_BYTES, SLICE)
-        ks, kz, vs, vz = _load_scales(half_ptr, blk, n, kvh, T, TP, CB, HEAD_DIM, BLOCK_BYTES, SLICE)
-        return _quant_tile(qd, kc, vc, ks, kz, vs, vz, n, m, l, acc, scale_log2, INT4, 1, TP, HEAD_DIM, F16,
-                           ASM)
+    def _reorder8(acc, HEAD_DIM: tl.constexpr, NC: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+        """acc's rows within each run of 8: [A, B] -> [B, A] (2, 4: channel order -> int4 V's order, where
+        row 2k + h holds channel k + 4h; 4, 2: back)."""
+        return tl.reshape(tl.permute(tl.reshape(acc, [HEAD_DIM // 8, A, B, NC]), 0, 2, 1, 3), [HEAD_DIM, NC])
 
     @triton.jit
-    def _partition_kernel(
-        q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_ptr, packed_ptr, tail_ptr, out_ptr,
-        m_ptr, l_ptr, acc_ptr, scale_log2, sq0, sq1, sbt, so0, so1, num_heads, num_parts,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        NUM_KV_HEADS: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_ITEMS: tl.constexpr,
-        SLICE: tl.constexpr, T8: tl.constexpr, TP8: tl.constexpr, T4: tl.constexpr, TP4: tl.constexpr,
-        NP8: tl.constexpr, NP4: tl.constexpr, PPP: tl.constexpr, TILE: tl.constexpr, SINGLE: tl.constexpr,
-        UPCAST: tl.constexpr, PREFETCH: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
+    def _streams_partition(
+        q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2,
+        r, kvh, part, start, packed, tail, num_pages, sq0, sq1, so0, so1, num_heads, num_parts,
+        GROUP: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_ITEMS: tl.constexpr, SLICE: tl.constexpr,
+        T8: tl.constexpr, TP8: tl.constexpr, T4: tl.constexpr, TP4: tl.constexpr, NS: tl.constexpr,
+        NC: tl.constexpr, PPP: tl.constexpr, PPP2: tl.constexpr, TILE: tl.constexpr, SINGLE: tl.constexpr,
+        UPCAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
+        ASM: tl.constexpr,
     ):
-        """Row r, kv head kvh, pages [part * PPP, (part + 1) * PPP) of the row: its quantized pages in
-        tiles of NP8 (int8) or NP4 (int4) pages, then its 16-bit tail in TILE-token tiles exactly as
-        paged_attention's kernel."""
-        r = tl.program_id(0)
-        kvh = tl.program_id(1)
-        part = tl.program_id(2)
-        packed = tl.load(packed_ptr + r)
-        tail = tl.load(tail_ptr + r)
-        num_pages = packed + tl.cdiv(tail, BLOCK_SIZE)
-        start = part * PPP
-        if not SINGLE and start >= num_pages:  # the reduce kernel ignores partitions past the row's pages
-            return
+        """A partition with quantized pages: NS streams (page slots) per query head, as the columns of
+        transposed scores [tokens, NC], combined per head at the end. Quantized pages in tiles of NS (one
+        per slot), then the 16-bit tail's tokens spread over the slots."""
+        cols = tl.arange(0, NC)
+        slot = cols // G2
+        g = cols % G2
+        d = tl.arange(0, HEAD_DIM)
+        q_row = q_ptr + r * sq0
+        q_cols = (kvh * GROUP + g) * sq1
+        q_mask = (g < GROUP) & (slot < NS)
+        m = tl.full([NC], float("-inf"), tl.float32)
+        l = tl.zeros([NC], tl.float32)
+        acc = tl.zeros([HEAD_DIM, NC], tl.float32)
 
+        nq = tl.minimum(start + PPP, packed) - start  # quantized pages in this partition (> 0)
+        idx = tl.arange(0, PPP2)
+        here = idx < nq
+        fmts = tl.load(meta_ptr + tl.load(bt_row + start + idx, mask=here, other=0), mask=here, other=0) >> 8
+        if tl.max(tl.where(here & (fmts == 1), 1, 0), 0) > 0:
+            m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
+                                     start, nq, kvh, m, l, acc, 1, T8, TP8, HEAD_DIM, NS, NC, G2, HEAD_DIM,
+                                     BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM)
+        if tl.max(tl.where(here & (fmts == 2), 1, 0), 0) > 0:
+            acc = _reorder8(acc, HEAD_DIM, NC, 2, 4)  # int4 V's channel order
+            m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
+                                     start, nq, kvh, m, l, acc, 2, T4, TP4, HEAD_DIM // 2, NS, NC, G2,
+                                     HEAD_DIM, BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM)
+            acc = _reorder8(acc, HEAD_DIM, NC, 4, 2)
+
+        # The 16-bit tail's tokens that fall in this partition's pages, token j of a tile in slot j*NS/TILE.
+        rows = tl.arange(0, TILE)
+        row_slot = rows // (TILE // NS)
+        q = tl.load(q_row + q_cols[:, None] + d[None, :], mask=q_mask[:, None], other=0.0)  # [NC, D]
+        if UPCAST:  # the CPU interpreter would matmul bf16 as raw uint16 bits
+            q = q.to(tl.float32)
+        tok_end = tl.minimum((tl.minimum(start + PPP, num_pages) - packed) * BLOCK_SIZE, tail)
+        for off in range(0, tok_end, TILE):
+            pos = off + rows
+            valid = pos < tok_end
+            blk = tl.load(bt_row + packed + pos // BLOCK_SIZE, mask=valid, other=0)
+            tok = blk.to(tl.int64) * BLOCK_ITEMS + ((pos % BLOCK_SIZE) * NUM_KV_HEADS + kvh) * HEAD_DIM
+            k = tl.load(kv_ptr + tok[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            s = tl.dot(k, tl.trans(q), input_precision="ieee") * scale_log2  # [TILE, NC]
+            s = tl.where((row_slot[:, None] == slot[None, :]) & valid[:, None], s, float("-inf"))
+            p, alpha, m, l = _column_softmax_step(s, m, l)
+            vtok = tok + BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM
+            v = tl.load(kv_ptr + vtok[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(q.dtype), input_precision="ieee")
+
+        # Each head's streams into one (m, l, acc).
+        NSL: tl.constexpr = NC // G2
+        m2 = tl.reshape(m, [NSL, G2])
+        mh = tl.max(m2, 0)
+        w = tl.exp2(m2 - tl.where(mh == float("-inf"), 0.0, mh)[None, :])  # [NSL, G2]
+        lh = tl.sum(tl.reshape(l, [NSL, G2]) * w, 0)
+        acch = tl.sum(tl.reshape(acc, [HEAD_DIM, NSL, G2]) * w[None, :, :], 1)  # [D, G2]
+        gh = tl.arange(0, G2)
+        heads = kvh * GROUP + gh
+        hmask = gh < GROUP
+        if SINGLE:  # all the row's pages in this program: normalize and write the output directly
+            res = acch / tl.where(lh > 0, lh, 1.0)[None, :]
+            o = out_ptr + r * so0 + heads[None, :] * so1 + d[:, None]
+            tl.store(o, res.to(out_ptr.dtype.element_ty), mask=hmask[None, :])
+        else:
+            row = (r.to(tl.int64) * num_heads + heads) * num_parts + part
+            tl.store(m_ptr + row, mh, mask=hmask)
+            tl.store(l_ptr + row, lh, mask=hmask)
+            tl.store(acc_ptr + row[None, :] * HEAD_DIM + d[:, None], acch, mask=hmask[None, :])
+
+    @triton.jit
+    def _tail_partition(
+        q_ptr, kv_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2, r, kvh, part, start, packed, tail,
+        num_pages, sq0, sq1, so0, so1, num_heads, num_parts,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr, BLOCK_ITEMS: tl.constexpr, PPP: tl.constexpr, TILE: tl.constexpr,
+        SINGLE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """A partition of 16-bit tail pages only, exactly as paged_attention's kernel (bit for bit the
+        same result on 16-bit-only tables with 256-token partitions)."""
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         heads = kvh * GROUP + g
@@ -363,41 +548,10 @@ if triton is not None:
         q = tl.load(q_ptr + r * sq0 + heads[:, None] * sq1 + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
         if UPCAST:  # the CPU interpreter would matmul bf16 as raw uint16 bits
             q = q.to(tl.float32)
-        qd = q.to(tl.float16 if F16 else tl.float32)  # for quantized pages
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        bt_row = bt_ptr + r.to(tl.int64) * sbt
-
-        nq = tl.minimum(start + PPP, packed) - start  # quantized pages in this partition
-        if nq > 0:
-            idx = tl.arange(0, PPP)
-            here = idx < nq
-            fmts = tl.load(meta_ptr + tl.load(bt_row + start + idx, mask=here, other=0), mask=here) >> 8
-            lo = tl.min(tl.where(here, fmts, 255), 0)
-            hi = tl.max(tl.where(here, fmts, 0), 0)
-            if (lo == 1) & (hi == 1):
-                m, l, acc = _quant_pages(qd, words_ptr, half_ptr, meta_ptr, bt_row, start, nq, kvh, m, l, acc,
-                                         scale_log2, False, T8, TP8, HEAD_DIM, NP8, HEAD_DIM, BLOCK_BYTES,
-                                         SLICE, PREFETCH, F16, ASM)
-            elif (lo == 2) & (hi == 2):
-                m, l, acc = _quant_pages(qd, words_ptr, half_ptr, meta_ptr, bt_row, start, nq, kvh, m, l, acc,
-                                         scale_log2, True, T4, TP4, HEAD_DIM // 2, NP4, HEAD_DIM, BLOCK_BYTES,
-                                         SLICE, PREFETCH, F16, ASM)
-            else:  # the format changes inside this partition: a branch per page
-                for i in range(nq):
-                    f = tl.load(meta_ptr + tl.load(bt_row + start + i)) >> 8
-                    if f == 1:
-                        m, l, acc = _quant_page_any(qd, words_ptr, half_ptr, meta_ptr, bt_row, start, i, nq,
-                                                    kvh, m, l, acc, scale_log2, False, T8, TP8, HEAD_DIM,
-                                                    HEAD_DIM, BLOCK_BYTES, SLICE, F16, ASM)
-                    elif f == 2:
-                        m, l, acc = _quant_page_any(qd, words_ptr, half_ptr, meta_ptr, bt_row, start, i, nq,
-                                                    kvh, m, l, acc, scale_log2, True, T4, TP4, HEAD_DIM // 2,
-                                                    HEAD_DIM, BLOCK_BYTES, SLICE, F16, ASM)
-
-        # The 16-bit tail's tokens that fall in this partition's pages.
-        tok_start = (tl.maximum(start, packed) - packed) * BLOCK_SIZE
+        tok_start = (start - packed) * BLOCK_SIZE
         tok_end = tl.minimum((tl.minimum(start + PPP, num_pages) - packed) * BLOCK_SIZE, tail)
         for off in range(tok_start, tok_end, TILE):
             pos = off + tl.arange(0, TILE)
@@ -423,6 +577,42 @@ if triton is not None:
             tl.store(m_ptr + row, m, mask=hmask)
             tl.store(l_ptr + row, l, mask=hmask)
             tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=hmask[:, None])
+
+    @triton.jit
+    def _partition_kernel(
+        q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_ptr, packed_ptr, tail_ptr, out_ptr,
+        m_ptr, l_ptr, acc_ptr, scale_log2, sq0, sq1, sbt, so0, so1, num_heads, num_parts,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+        BLOCK_ITEMS: tl.constexpr, SLICE: tl.constexpr, T8: tl.constexpr, TP8: tl.constexpr, T4: tl.constexpr,
+        TP4: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, PPP: tl.constexpr, PPP2: tl.constexpr,
+        TILE: tl.constexpr,
+        SINGLE: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+        F16: tl.constexpr, ASM: tl.constexpr,
+    ):
+        """Row r, kv head kvh, pages [part * PPP, (part + 1) * PPP) of the row: _streams_partition where
+        it has quantized pages, else _tail_partition."""
+        r = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)
+        packed = tl.load(packed_ptr + r)
+        tail = tl.load(tail_ptr + r)
+        num_pages = packed + tl.cdiv(tail, BLOCK_SIZE)
+        start = part * PPP
+        if not SINGLE and start >= num_pages:  # the reduce kernel ignores partitions past the row's pages
+            return
+        bt_row = bt_ptr + r.to(tl.int64) * sbt
+        if start < packed:
+            _streams_partition(
+                q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr,
+                scale_log2, r, kvh, part, start, packed, tail, num_pages, sq0, sq1, so0, so1, num_heads,
+                num_parts, GROUP, G2, HEAD_DIM, BLOCK_SIZE, NUM_KV_HEADS, BLOCK_BYTES, BLOCK_ITEMS, SLICE, T8,
+                TP8, T4, TP4, NS, NC, PPP, PPP2, TILE, SINGLE, UPCAST, PREFETCH, STAGES, F16, ASM)
+        else:
+            _tail_partition(
+                q_ptr, kv_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2, r, kvh, part, start,
+                packed, tail, num_pages, sq0, sq1, so0, so1, num_heads, num_parts, GROUP, GROUP_PAD, HEAD_DIM,
+                BLOCK_SIZE, NUM_KV_HEADS, BLOCK_ITEMS, PPP, TILE, SINGLE, UPCAST)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -452,11 +642,17 @@ def packed_paged_attention_triton(
     max_pages = block_tables.shape[1]
     cfg = config or default_config(num_rows, num_kv_heads, max_pages, q.device)
     ppp = cfg.pages_per_part
-    assert ppp & (ppp - 1) == 0, f"pages_per_part {ppp} is not a power of 2"
+    assert ppp >= 1, f"pages_per_part {ppp}"
     group = num_heads // num_kv_heads
+    g2 = triton.next_power_of_2(group)
     t8 = tokens_per_page(FMT_INT8, block_bytes, num_kv_heads, head_dim, block_size)
     t4 = tokens_per_page(FMT_INT4, block_bytes, num_kv_heads, head_dim, block_size)
     tp8, tp4 = _pow2_at_least_16(t8), _pow2_at_least_16(t4)
+    # Page slots = pages per tile, of either format. The slots' query heads are the dots' N: kept at 8
+    # where the group allows (H100: with N = 16, i.e. 2 slots of groups of 5..8 heads, the compiled
+    # kernel returned garbage and faulted on the engine's demo model, 5 q heads per kv head).
+    slots = min(2, max(1, cfg.tile_rows // tp4), max(1, 8 // g2))
+    nvidia = q.device.type == "cuda" and torch.version.hip is None
     # Grid and workspace come from shapes only, so the launch is capturable in a CUDA graph.
     num_parts = max(1, triton.cdiv(max_pages, ppp))
     single = num_parts == 1
@@ -468,15 +664,15 @@ def packed_paged_attention_triton(
         q, layer_data.view(torch.int32), layer_data.view(torch.float16), layer_data.view(q.dtype), page_meta,
         block_tables, packed_pages, tail_lens, out, m, l, acc, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), num_heads, num_parts,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP=group, GROUP_PAD=max(16, g2), G2=g2, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, NUM_KV_HEADS=num_kv_heads, BLOCK_BYTES=block_bytes,
         BLOCK_ITEMS=block_bytes // q.dtype.itemsize, SLICE=block_bytes // num_kv_heads,
-        T8=t8, TP8=tp8, T4=t4, TP4=tp4, NP8=max(1, cfg.tile_rows // tp8), NP4=max(1, cfg.tile_rows // tp4),
-        PPP=ppp, TILE=TILE,
+        T8=t8, TP8=tp8, T4=t4, TP4=tp4, NS=slots, NC=max(8, slots * g2), PPP=ppp,
+        PPP2=triton.next_power_of_2(ppp), TILE=TILE,
         SINGLE=single, UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, PREFETCH=cfg.prefetch,
-        F16=q.dtype != torch.float32, ASM=cfg.asm and q.device.type == "cuda" and torch.version.hip is None,
+        STAGES=cfg.quant_stages, F16=q.dtype != torch.float32, ASM=cfg.asm and nvidia,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and nvidia else {}),
     )
     if not single:
         paged.reduce_partitions[(num_rows, num_heads)](

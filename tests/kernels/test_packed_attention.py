@@ -135,10 +135,10 @@ def test_reference_matches_naive(name):
 
 @needs_triton
 @pytest.mark.parametrize("ppp", [4, 32], ids=["parts", "single"])
-@pytest.mark.parametrize("prefetch,tile_rows", [(0, 64), (1, 128), (2, 128)], ids=lambda x: str(x))
+@pytest.mark.parametrize("prefetch,tile_rows", [(0, 64), (1, 128), (2, 256)], ids=lambda x: str(x))
 @pytest.mark.parametrize("name", CASES)
 def test_triton_matches_reference_fp32(name, prefetch, tile_rows, ppp):
-    """Every prefetch mode; tiles of one to several pages (tile_rows // T rounded up to 2^k)."""
+    """Every prefetch mode; tiles of one or two pages (tile_rows // T rounded up to 2^k, at most 2)."""
     rows, *shape = CASES[name]
     args, kw = make_case(rows, *shape, dtype=torch.float32, seed=1 + prefetch)
     config = PackedConfig(ppp, prefetch=prefetch, tile_rows=tile_rows)
@@ -159,9 +159,11 @@ def test_triton_matches_reference_half(dtype):
 
 
 @needs_triton
-def test_triton_long_random_tables():
+@pytest.mark.parametrize("ppp", [8, 6])
+def test_triton_long_random_tables(ppp):
     """Many partitions of random pages: mixed formats, or one format with random fill, and one page's keys
-    made extreme so that the reduce kernel's rescaling across partitions matters."""
+    made extreme so that the reduce kernel's rescaling across partitions matters. Partitions of a power
+    of 2 pages or not."""
     g = torch.Generator().manual_seed(4)
     rows = []
     for single_format in (False, True, False):
@@ -175,8 +177,38 @@ def test_triton_long_random_tables():
     data, tables = args[1], args[3]
     last = int(tables[0, len(rows[0][0]) - 1])  # row 0's last quantized page: large K codes
     data[last, : data.shape[1] // 8] = 250
-    got = packed_paged_attention_triton(*args, **kw, config=PackedConfig(8))
+    got = packed_paged_attention_triton(*args, **kw, config=PackedConfig(ppp))
     torch.testing.assert_close(got, packed_paged_attention_ref(*args, **kw), atol=1e-4, rtol=1e-4)
+
+
+# The engine's test models (tests/engine/checkpoints.py, engine/demo): block_size 16 and small heads, so a
+# page holds many more quantized tokens than at head_dim 128 (head_dim 16, 2 kv heads: 26 int8 / 48 int4;
+# head_dim 64, 1 kv head: 29 / 56), GQA groups of 5, 3, 2 and 1 (not powers of 2: padded query columns).
+ENGINE_SHAPES = {
+    "demo": (5, 1, 64), "demo_draft": (3, 1, 64), "llama": (4, 2, 16), "qwen3": (4, 1, 32),
+    "draft": (2, 1, 16), "gqa1_hd16": (2, 2, 16),
+}
+# Mixed formats, partial pages, a row of quantized pages only, a tail-only row, and a CUDA-graph padding row
+# (no pages at all: its table is all zeros, like the engine's).
+ENGINE_ROWS = [
+    ([(I4, FULL), (I8, FULL), (I4, 11), (I8, 3), (I4, FULL), (I4, FULL), (I8, FULL)], 21),
+    ([(I8, FULL)] * 3 + [(I4, FULL)] * 2, 0), ([], 35), ([(I4, 1)], 16), ([], 0),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("ppp", [2, 6, 16], ids=["ppp2", "ppp6", "single"])
+@pytest.mark.parametrize("name", ENGINE_SHAPES)
+def test_triton_engine_shapes(name, ppp):
+    """The engine's model shapes in bfloat16 (its dtype), with partitions of 2 pages (one tile), 6 (not a
+    power of 2; row 0's second partition is a tile whose second page is absent) and all pages in one
+    program."""
+    args, kw = make_case(ENGINE_ROWS, *ENGINE_SHAPES[name], 16, dtype=torch.bfloat16, seed=10)
+    got = packed_paged_attention_triton(*args, **kw, config=PackedConfig(ppp))
+    assert not got.isnan().any()
+    want = packed_paged_attention_ref(*args, **kw).float()
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    assert (got[4] == 0).all()  # the padding row attends to nothing
 
 
 def native_case(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed):
