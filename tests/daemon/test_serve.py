@@ -7,11 +7,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+
+from tests.daemon.test_serve_lifecycle import committed_samples, wait_for
 
 
 @pytest.fixture
@@ -44,9 +45,7 @@ def test_serves_records_and_drains_on_sigterm(daemon):
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages)  # asked for time while loading
     with post(base + "/v1/completions", {"model": "demo", "prompt": "def f", "max_tokens": 5}) as r:
         assert json.loads(r.read())["usage"]["completion_tokens"] == 5
-    time.sleep(2.5)
-    with sqlite3.connect(state / "optd.db") as conn:
-        assert conn.execute("select count(*) from samples").fetchone()[0] >= 1
+    wait_for(lambda: committed_samples(state / "optd.db"), "a telemetry sample in the database")
     assert (state / "control.token").stat().st_mode & 0o777 == 0o600
 
     stream = post(base + "/v1/completions", {"model": "demo", "prompt": "import", "max_tokens": 200,

@@ -8,7 +8,7 @@ import torch
 from optd.engine import Engine, EngineConfig, EngineError, SamplingParams
 from optd.engine.kv_compress import SINKS
 from optd.kernels.kv_pages import FMT_INT4, FMT_INT8
-from tests.engine.kv_check import stored_vs_truth
+from tests.engine.kv_check import StoredSnapshots
 from tests.engine.retrieval import long_prompt, recall_gain
 
 PROMPTS = ["def fib(n):", "import os\n\nclass Path:", "for i in range(10):\n    "]
@@ -160,15 +160,16 @@ def test_changing_the_ratio_while_requests_run_loses_nothing_and_corrupts_no_cac
         worker = threading.Thread(target=lambda: outs.extend(
             engine.generate(prompts, SamplingParams(max_tokens=120, ignore_eos=True))))
         worker.start()
-        errors, checked = [], 0
+        snapshots, checked = StoredSnapshots(engine), 0
         for r in [0.3, 0.6, 0.7, 0.0, 0.5, 0.7, 0.3] * 6:
             if not worker.is_alive():
                 break
             assert engine.apply(kv_compression=r).ok
             # No eviction up to 0.714 (int4 alone): every cache must match a fresh computation.
-            errors += engine._call(lambda: [stored_vs_truth(engine, s) for s in engine.scheduler.running])
+            engine._call(lambda: snapshots.take(engine.scheduler.running))
             checked += 1
         worker.join()
+        errors = snapshots.errors()
         assert len(outs) == 10 and all(o.finish_reason == "length" and len(o.token_ids) == 120 for o in outs)
         assert checked >= 5 and errors
         # int4 pages: |error| <= scale / 2 = range / 30; another sequence's data would be far off.

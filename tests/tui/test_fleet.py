@@ -122,7 +122,8 @@ def test_the_broker_away_shows_and_its_return_recovers():
         try:
             async with app.run_test(size=(100, 20), notifications=True) as pilot:
                 await until(pilot, lambda: app.state.connection == "disconnected", "the disconnected state")
-                await pilot.pause(0.3)                     # the screen keeps redrawing meanwhile
+                # The redraw, not a fixed pause (under load it can take longer than 0.3 s).
+                await until(pilot, lambda: "retrying in" in app.export_text(), "the retry countdown")
                 screen = app.export_text()
                 assert "BROKER UNREACHABLE" in screen.splitlines()[0] and "retrying in" in screen
                 await pilot.press("p", "enter")            # a command now fails, saying why
@@ -131,8 +132,7 @@ def test_the_broker_away_shows_and_its_return_recovers():
                     await link.send(FleetCommand(action="resume"))
                 await asyncio.to_thread(broker.start)
                 await until(pilot, lambda: app.state.live, "the reconnect", timeout=30)
-                await pilot.pause(0.3)
-                assert "● live" in app.export_text().splitlines()[0]
+                await until(pilot, lambda: "● live" in app.export_text().splitlines()[0], "the live header")
         finally:
             await link.stop()
 

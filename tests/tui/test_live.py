@@ -210,7 +210,8 @@ def test_daemon_going_away_shows_disconnected_and_a_restart_recovers(live):
     async def body(app: DashboardApp, pilot) -> None:
         await asyncio.to_thread(live.stop)
         await until(pilot, lambda: app.state.connection == "disconnected", "the disconnected state")
-        await pilot.pause(0.3)
+        # The redraw, not a fixed pause (under load it can take longer than 0.3 s).
+        await until(pilot, lambda: "daemon unreachable" in app.export_text(), "the disconnected screen")
         screen = app.export_text()
         assert "DISCONNECTED" in screen.splitlines()[0] and "daemon unreachable" in screen
         assert "spec_length" in screen               # the last data stays on screen
@@ -219,7 +220,9 @@ def test_daemon_going_away_shows_disconnected_and_a_restart_recovers(live):
 
         await asyncio.to_thread(live.start_again)     # same port, as a restarted service
         await until(pilot, lambda: app.state.live, "the reconnect", timeout=60)
-        await pilot.pause(0.3)
-        screen = app.export_text()
-        assert "● live" in screen.splitlines()[0] and "daemon unreachable" not in screen
+
+        def live_again() -> bool:
+            screen = app.export_text()
+            return "● live" in screen.splitlines()[0] and "daemon unreachable" not in screen
+        await until(pilot, live_again, "the live screen again")
     drive(live, body)
