@@ -257,8 +257,7 @@ class Engine:
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
         if not step.is_prefill:
-            seconds = time.perf_counter() - start
-            self._step_time[k] = 0.9 * self._step_time.get(k, seconds) + 0.1 * seconds
+            self._record_step_time(k, time.perf_counter() - start)
         self._counters.steps_total += 1
         if step.is_prefill:
             self._counters.prompt_tokens_total += sum(s.prompt_len for s in seqs if s.num_generated == 0)
@@ -286,14 +285,17 @@ class Engine:
         """Take a decode step's sampled tokens (waiting for them); `still_in_flight`: the next step,
         launched on them, is writing each sequence's next K/V slot (kept when trimming blocks)."""
         tokens = flight.tokens.wait()
-        seconds = time.perf_counter() - flight.started
-        self._step_time[0] = 0.9 * self._step_time.get(0, seconds) + 0.1 * seconds
+        self._record_step_time(0, time.perf_counter() - flight.started)
         self._counters.steps_total += 1
         now = time.monotonic()
         for seq, token in zip(flight.seqs, tokens, strict=True):
             if seq.status is not Status.FINISHED:  # else stopped while this step ran: a wasted row
                 self._accept(seq, [token], now, keep=int(still_in_flight))
         self._leave_packed_mode_if_unused()
+
+    def _record_step_time(self, k: int, seconds: float) -> None:
+        """Smooth the decode step time at spec_length k (EngineStats.step_time_s)."""
+        self._step_time[k] = 0.9 * self._step_time.get(k, seconds) + 0.1 * seconds
 
     def _accept(self, seq: Sequence, tokens: list[int], now: float, keep: int = 0) -> None:
         """Append a step's new tokens to a sequence and stream them; a sequence preempted meanwhile
