@@ -26,17 +26,15 @@ from torch.profiler import ProfilerActivity, profile
 from optd.engine import Engine, EngineConfig, SamplingParams
 
 
-def kernel_us(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[Counter, float]:
-    """Kernel microseconds by name for one generate, and its wall seconds."""
+def kernel_us(engine: Engine, prompt: list[int], new_tokens: int) -> Counter:
+    """Kernel microseconds by name for one generate."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
         engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-        wall = time.perf_counter() - start
     times: Counter = Counter()
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             times[e.name] += e.device_time
-    return times, wall
+    return times
 
 
 def generate_s(engine: Engine, prompt: list[int], new_tokens: int, repeats: int = 3) -> float:
@@ -88,8 +86,8 @@ def main() -> None:
                     engine.generate([prompt], SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
                 decode_s = generate_s(engine, prompt, args.new_tokens) - generate_s(engine, prompt, 1)
                 wall = decode_s / steps * 1e6
-                full, _ = kernel_us(engine, prompt, args.new_tokens)
-                prefill, _ = kernel_us(engine, prompt, 1)
+                full = kernel_us(engine, prompt, args.new_tokens)
+                prefill = kernel_us(engine, prompt, 1)
                 per_step = Counter({k: (full[k] - prefill.get(k, 0.0)) / steps for k in full})
                 total = sum(per_step.values())
                 replay = replay_us(engine)
