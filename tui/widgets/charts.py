@@ -91,7 +91,10 @@ class ChartRow(Horizontal):
     def show(self, state: DashboardState, now: float) -> None:
         spec = self.spec
         data = state.series(spec.metric, now)
-        spark = self.query_one(Sparkline)
+        sparks = self.query(Sparkline)
+        if not sparks:  # a redraw can reach a row before its children are mounted; the next one draws it
+            return
+        spark = sparks.first()
         # An empty series draws a flat baseline; with no data at all say so in the numbers.
         spark.data = data
         value = state.latest(spec.metric)
