@@ -67,9 +67,10 @@ def sweep_configs(m: int, k: int, int4: bool) -> list[KernelConfig]:
     splits), int8: the x-left tiles. K splits leave every program at least one K tile."""
     out = []
     if m == 1 and int4:
-        for (bn, bk), split in itertools.product([(32, 512), (64, 512), (128, 256), (64, 256)], [1, 2, 4]):
-            out.append(KernelConfig(1, bn, bk, split, 4, 3))
-        out += [KernelConfig(1, 64, 512, 1, 4, stages) for stages in (2, 4)]
+        tiles = [(8, 1024), (16, 1024), (16, 2048), (32, 1024), (32, 512), (64, 512)]
+        for (bn, bk), warps, split in itertools.product(tiles, [1, 2, 4], [1, 2, 4]):
+            if 4 <= bn * bk // (256 * warps) <= 64:  # int4 words per thread and tile
+                out.append(KernelConfig(1, bn, bk, split, warps, 3))
     elif m == 1:
         for (bn, bk), split in itertools.product([(16, 256), (32, 256), (16, 512)], [1, 2]):
             out.append(KernelConfig(1, bn, bk, split, 4, 3))

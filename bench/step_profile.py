@@ -9,7 +9,7 @@ the decode step's kernel time by kernel (torch.profiler's CUDA activity, CUDA gr
 the wall time per token (unprofiled), and the step's CUDA graph replayed back to back: wall minus that
 is what the host adds between steps. Kernels launched with programmatic dependent launch (kernels/pdl.py)
 are profiled from their early start, their wait for the previous kernel included: on a Hopper GPU read
-the replay time, and the profile only as a ranking.
+the replay time, and the profile only as a ranking, or profile with --no-pdl.
 """
 
 import argparse
@@ -24,6 +24,7 @@ from decode import LLAMA3_8B, write_checkpoint
 from torch.profiler import ProfilerActivity, profile
 
 from optd.engine import Engine, EngineConfig, SamplingParams
+from optd.kernels import pdl
 
 
 def kernel_us(engine: Engine, prompt: list[int], new_tokens: int) -> Counter:
@@ -71,7 +72,11 @@ def main() -> None:
     p.add_argument("--bits", default="16,4")
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    p.add_argument("--no-pdl", action="store_true",
+                   help="launch without programmatic dependent launch: exact kernel times, slower steps")
     args = p.parse_args()
+    if args.no_pdl:
+        pdl._capable = lambda index: False  # pdl_options then gives plain launches
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, LLAMA3_8B["vocab_size"], (args.context,), generator=g).tolist()

@@ -173,12 +173,13 @@ def default_config(m: int, n: int, k: int, qw: Int8Weight | Int4Weight, device: 
         return replace(cfg, block_k=min(32, qw.group)) if grouped else cfg
     if m == 1 and (grouped or not int4):
         # CUDA cores, weight tiles pipelined through shared memory (the sweep's fastest on the Llama-3-8B
-        # shapes). int4: 64 rows by 512 inputs, K split to fill the GPU (twice over for long K); int8:
-        # 16 rows by 512 inputs (256 past 8192 rows), no split.
+        # shapes). int4: 16 rows by 1024 inputs (2048 past 8192), two warps for the long gate_up, and so
+        # many programs that the GPU is full without splitting K except on small models; int8: 16 rows by
+        # 512 inputs (256 past 8192 rows), no split.
         if int4:
-            bk = min(512, max(64, triton.next_power_of_2(k)))  # small K: no tile mostly past its end
-            cfg = KernelConfig(1, 64, bk, num_stages=3)
-            return replace(cfg, split_k=_fill(-(-n // 64), -(-k // bk), device, 2 if k > 8192 else 1))
+            bk = min(2048 if k > 8192 else 1024, max(64, triton.next_power_of_2(k)))  # no tile mostly past K
+            cfg = KernelConfig(1, 16, bk, num_warps=2 if n > 16384 else 4, num_stages=3)
+            return replace(cfg, split_k=_fill(-(-n // 16), -(-k // bk), device, 1))
         return KernelConfig(1, 16, 512 if n <= 8192 else 256, num_stages=3)
     if grouped:  # 64 weight rows (one warpgroup) by one group
         cfg = KernelConfig(16, 64, min(128, qw.group), num_stages=3, left=True, sxdot=True)
