@@ -8,8 +8,10 @@ down) and each row count: bf16 F.linear, int8 and int4 (group 128) through optd.
 Each time is per call, from a CUDA graph replaying many calls that cycle over enough copies of the weight
 to overflow L2 (each decode step reads every layer's weight once, from DRAM). Bytes = weight (packed
 codes + scales + zeros) + x + output; GB/s over those bytes is compared with the device-to-device copy
-bandwidth (bench/decode.py's copy_bandwidth, read + write). Before timing, each kernel's output is
-checked against quant_linear_ref on the same inputs. The table comes last.
+bandwidth (bench/decode.py's copy_bandwidth, read + write). Rows "stream" time a kernel that reads the
+int4 weight as the one-row GEMV does (same tiles, grid and pipelining) and does no arithmetic: the floor
+of that access pattern. Before timing, each kernel's output is checked against quant_linear_ref on the
+same inputs. The table comes last.
 """
 
 import argparse
@@ -18,6 +20,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from decode import copy_bandwidth, graph_seconds
 
 from optd.kernels.quant_linear import (
@@ -84,6 +88,32 @@ def sweep_configs(m: int, k: int, int4: bool) -> list[KernelConfig]:
     return [c for c in out if c.split_k == 1 or k // c.block_k >= c.split_k]
 
 
+@triton.jit
+def _stream_kernel(q_ptr, out_ptr, sqn, tiles_per_split, BLOCK_N: tl.constexpr, WK: tl.constexpr,
+                   STAGES: tl.constexpr):
+    """Reads int4 words as the one-row GEMV does (same tiles, grid and pipelining) and only XORs them."""
+    rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros([BLOCK_N, WK], dtype=tl.int32)
+    t0 = tl.program_id(1) * tiles_per_split
+    for t in tl.range(t0, t0 + tiles_per_split, num_stages=STAGES):
+        kw = t * WK + tl.arange(0, WK)
+        acc ^= tl.load(q_ptr + rn[:, None] * sqn + kw[None, :], eviction_policy="evict_first")
+    tl.store(out_ptr + rn, tl.sum(acc, 1))
+
+
+def stream_seconds(copies: list, cfg: KernelConfig) -> float:
+    """The int4 GEMV's floor at one row: its weight reads alone, with its config (N and K whole tiles)."""
+    n, kq = copies[0].q.shape
+    wk = cfg.block_k // 8
+    out = torch.empty(n, dtype=torch.int32, device="cuda")
+
+    def read(x, qw):
+        _stream_kernel[(n // cfg.block_n, cfg.split_k)](qw.q, out, qw.q.stride(0), kq // wk // cfg.split_k,
+                                                         BLOCK_N=cfg.block_n, WK=wk, STAGES=cfg.num_stages,
+                                                         num_warps=cfg.num_warps)
+    return time_calls(read, copies, None)
+
+
 def describe(cfg: KernelConfig) -> str:
     kind = (" left" + (" sxdot" if cfg.sxdot else "")) if cfg.left else ""
     tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
@@ -128,12 +158,17 @@ def main() -> None:
                     if args.sweep:
                         secs, cfg = sweep(copies, x, m, k, fmt == "int4", secs, cfg, name)
                     cfg = describe(cfg)
-                del copies
-                torch.cuda.empty_cache()
                 base = base or secs
                 rate = (wbytes + io_bytes) / secs
                 table.append((name, m, fmt, secs * 1e6, rate / 1e9, rate / bandwidth, base / secs, err, cfg))
                 print(f"  {name} M={m} {fmt}: {secs * 1e6:.1f} us, {rate / 1e9:.0f} GB/s", flush=True)
+                if fmt == "int4" and m == 1:  # what the weight reads alone take, same tiles
+                    cfg = default_config(m, n, k, weight, x.device)
+                    t = stream_seconds(copies, cfg)
+                    table.append((name, m, "stream", t * 1e6, wbytes / t / 1e9, wbytes / t / bandwidth,
+                                  base / t, 0.0, describe(cfg)))
+                del copies
+                torch.cuda.empty_cache()
 
     print(f"\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s; 'vs bf16' = F.linear time / this time; "
           "'max rel err' = max |kernel - quant_linear_ref| / max |ref|")
