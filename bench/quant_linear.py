@@ -105,6 +105,7 @@ def stream_seconds(copies: list, cfg: KernelConfig) -> float:
     """The int4 GEMV's floor at one row: its weight reads alone, with its config (N and K whole tiles)."""
     n, kq = copies[0].q.shape
     wk = cfg.block_k // 8
+    assert n % cfg.block_n == 0 and kq % (wk * cfg.split_k) == 0, f"{cfg} leaves partial tiles of {n}x{kq}"
     out = torch.empty(n, dtype=torch.int32, device="cuda")
 
     def read(x, qw):
@@ -154,19 +155,18 @@ def main() -> None:
                     copies = [weight] + [clone_q(weight) for _ in range(copies_for(wbytes) - 1)]
                     err = check(weight, x)
                     secs = time_calls(quant_linear_triton, copies, x)
-                    cfg = default_config(m, n, k, weight, x.device)
+                    default = best = default_config(m, n, k, weight, x.device)
                     if args.sweep:
-                        secs, cfg = sweep(copies, x, m, k, fmt == "int4", secs, cfg, name)
-                    cfg = describe(cfg)
+                        secs, best = sweep(copies, x, m, k, fmt == "int4", secs, default, name)
+                    cfg = describe(best)
                 base = base or secs
                 rate = (wbytes + io_bytes) / secs
                 table.append((name, m, fmt, secs * 1e6, rate / 1e9, rate / bandwidth, base / secs, err, cfg))
                 print(f"  {name} M={m} {fmt}: {secs * 1e6:.1f} us, {rate / 1e9:.0f} GB/s", flush=True)
-                if fmt == "int4" and m == 1:  # what the weight reads alone take, same tiles
-                    cfg = default_config(m, n, k, weight, x.device)
-                    t = stream_seconds(copies, cfg)
+                if fmt == "int4" and m == 1:  # what the weight reads alone take, the default's tiles
+                    t = stream_seconds(copies, default)
                     table.append((name, m, "stream", t * 1e6, wbytes / t / 1e9, wbytes / t / bandwidth,
-                                  base / t, 0.0, describe(cfg)))
+                                  base / t, 0.0, describe(default)))
                 del copies
                 torch.cuda.empty_cache()
 

@@ -6,8 +6,8 @@ between the ~300 small kernels of a decode step (bench/RESULTS.md: 8B shape on a
 interpreter) kernels launch as usual and `pdl_wait` compiles to nothing.
 
 No kernel lets its dependents start early (gdc_launch_dependents): on the H100 that made a 4-bit step
-slower (2.8 -> 3.3 ms), likely because a GEMV's programs, placed while the previous kernel still holds
-most SMs, then share SMs unevenly.
+slower, whether first (2.8 -> 3.3 ms) or right after the wait (2.76 -> 3.39 ms), likely because a GEMV's
+programs, placed while the previous kernel still holds most SMs, then share SMs unevenly.
 """
 
 import functools
