@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from optd.engine.sequence import Sequence
+from optd.kernels.argmax import argmax_rows
 
 
 def filtered_probs(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -25,7 +26,7 @@ def filtered_probs(logits: Tensor, temperature: float, top_k: int, top_p: float)
 
 def sample_tokens(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     """logits: [len(seqs), vocab] float32; the tokens, on the logits' device (no host sync)."""
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax_rows(logits)
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.temperature > 0:
