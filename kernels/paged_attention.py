@@ -77,9 +77,15 @@ def attend_ref(
 if triton is not None:
 
     @triton.jit
+    def _tile_blocks(bt_row, off, table_tokens, TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """The cache block of each token of the tile at `off` (0 past the table's end)."""
+        pos = off + tl.arange(0, TILE)
+        return tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
+
+    @triton.jit
     def _partition_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2,
-        sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, sbt, so0, so1, num_heads, num_parts,
+        sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, sbt, so0, so1, num_heads, num_parts, table_tokens,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         PART: tl.constexpr, TILE: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr,
         PDL: tl.constexpr = False,
@@ -88,16 +94,19 @@ if triton is not None:
         t = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
-        ctx_len = tl.load(lens_ptr + t)
         start = part * PART
-        if not SINGLE and start >= ctx_len:  # the reduce kernel ignores partitions past the context
-            return
-
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         heads = kvh * GROUP + g
-        # Padding rows (g >= GROUP) load zeros and are never stored: tl.dot needs M >= 16.
+        bt_row = bt_ptr + t.to(tl.int64) * sbt
+        # The loads that don't need the context length go out with it, not after it: each dependent load
+        # costs a memory latency, and at batch 1 these programs are little else. Padding rows
+        # (g >= GROUP) load zeros and are never stored: tl.dot needs M >= 16.
         q = tl.load(q_ptr + t * sq0 + heads[:, None] * sq1 + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        blk = _tile_blocks(bt_row, start, table_tokens, TILE, BLOCK_SIZE)
+        ctx_len = tl.load(lens_ptr + t)
+        if not SINGLE and start >= ctx_len:  # the reduce kernel ignores partitions past the context
+            return
         if UPCAST:  # the CPU interpreter would matmul bf16 as raw uint16 bits
             q = q.to(tl.float32)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -107,18 +116,19 @@ if triton is not None:
         for off in range(start, end, TILE):
             pos = off + tl.arange(0, TILE)
             valid = pos < end
-            # Gather the physical block per token; the tile may span several cache blocks.
-            blk = tl.load(bt_ptr + t.to(tl.int64) * sbt + pos // BLOCK_SIZE, mask=valid, other=0)
+            # The tile may span several cache blocks: one physical block per token. V is loaded with K,
+            # the next tile's blocks ahead.
             tok = blk.to(tl.int64) * sk0 + (pos % BLOCK_SIZE) * sk1 + kvh * sk2
             k = tl.load(k_ptr + tok[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            vtok = blk.to(tl.int64) * sv0 + (pos % BLOCK_SIZE) * sv1 + kvh * sv2
+            v = tl.load(v_ptr + vtok[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            blk = _tile_blocks(bt_row, off + TILE, table_tokens, TILE, BLOCK_SIZE)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # ieee: no tf32 on fp32
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
-            vtok = blk.to(tl.int64) * sv0 + (pos % BLOCK_SIZE) * sv1 + kvh * sv2
-            v = tl.load(v_ptr + vtok[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
             m = m_new
 
@@ -203,7 +213,7 @@ def paged_attention_triton(
     _partition_kernel[(num_tokens, num_kv_heads, num_parts)](
         q, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        out.stride(0), out.stride(1), num_heads, num_parts,
+        out.stride(0), out.stride(1), num_heads, num_parts, block_tables.shape[1] * block_size,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, PART=part, TILE=TILE, SINGLE=single,
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, **pdl_options(q.device),

@@ -44,6 +44,7 @@ if triton is not None:
     @triton.jit
     def pdl_wait(PDL: tl.constexpr):
         """Wait until the previous kernel has finished and its writes are visible: nothing before this
-        may read or write memory that another kernel uses."""
+        may write memory, or read memory that a kernel writes (model weights, fixed while a step runs,
+        may be read before it)."""
         if PDL:
             gdc_wait()

@@ -63,10 +63,13 @@ if triton is not None:
         x_ptr, res_ptr, w_ptr, out_ptr, sx, sr, so, hidden, eps,
         BLOCK: tl.constexpr, HAS_RES: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False,
     ):
-        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
+        # The weight is no other kernel's output: its load may start before the wait, and must be issued
+        # before the reduction's barriers, which would hold it back by a memory latency.
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
         x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(res_ptr + row * sr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -74,7 +77,6 @@ if triton is not None:
             tl.store(res_ptr + row * sr + cols, x.to(res_ptr.dtype.element_ty), mask=mask)
         var = tl.sum(x * x, axis=0) / hidden
         normed = round_to(x * tl.rsqrt(var + eps), ROUND)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = round_to(w * normed, ROUND)
         tl.store(out_ptr + row * so + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 

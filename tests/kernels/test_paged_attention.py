@@ -1,11 +1,16 @@
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import: CI has no GPU
-
-import pytest
 import torch
 
-from optd.kernels.paged_attention import (
+# The Triton kernel runs through the interpreter on CPU (CI has no GPU). With TRITON_INTERPRET=0 on a
+# machine with a GPU, the same tests run the compiled kernel on cuda. Must precede the first triton import.
+ON_GPU = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from optd.kernels.paged_attention import (  # noqa: E402
     PARTITION_SIZE,
     TILE,
     paged_attention,
@@ -20,6 +25,7 @@ try:
 except ImportError:
     HAS_TRITON = False
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: Triton kernel not tested")
+DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def make_inputs(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
@@ -42,6 +48,10 @@ def make_inputs(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed
     q = qkv[:, :num_heads]
     lens_t = torch.tensor(lens, dtype=torch.int32)
     return q, pool[:, 0], pool[:, 1], block_tables.to(torch.int32), lens_t, head_dim**-0.5
+
+
+def on_device(args):
+    return tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def naive(q, k_cache, v_cache, block_tables, context_lens, scale):
@@ -86,7 +96,7 @@ def test_reference_matches_naive(case):
 @pytest.mark.parametrize("part", [TILE, PARTITION_SIZE])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"lens{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-bs{c[4]}")
 def test_triton_matches_reference_fp32(case, part):
-    args = make_inputs(*case, dtype=torch.float32, seed=1)
+    args = on_device(make_inputs(*case, dtype=torch.float32, seed=1))
     got = paged_attention_triton(*args, part=part)
     assert not got.isnan().any()
     torch.testing.assert_close(got, paged_attention_ref(*args), atol=1e-4, rtol=1e-4)
@@ -99,7 +109,7 @@ def test_triton_long_context_peak_in_last_partition():
     q, k, v, block_tables, lens, scale = make_inputs([n, 3], 2, 1, 64, block_size, dtype=torch.float32)
     pos = torch.arange(n - 40, n)
     k[block_tables[0, pos // block_size].long(), pos % block_size, 0] = q[0, 0]
-    args = (q, k, v, block_tables, lens, scale)
+    args = on_device((q, k, v, block_tables, lens, scale))
     got = paged_attention_triton(*args, part=PARTITION_SIZE)
     torch.testing.assert_close(got, paged_attention_ref(*args), atol=1e-4, rtol=1e-4)
 
@@ -107,7 +117,7 @@ def test_triton_long_context_peak_in_last_partition():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_matches_reference_half(dtype):
-    args = make_inputs([LONG, 0, 45], 8, 2, 64, 16, dtype=dtype, seed=2)
+    args = on_device(make_inputs([LONG, 0, 45], 8, 2, 64, 16, dtype=dtype, seed=2))
     got = paged_attention_triton(*args)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), paged_attention_ref(*args).float(), atol=2e-2, rtol=2e-2)
@@ -115,9 +125,9 @@ def test_triton_matches_reference_half(dtype):
 
 @needs_triton
 def test_triton_writes_into_strided_out():
-    q, k, v, *rest = make_inputs([LONG, 0, 9], 4, 2, 64, 16, dtype=torch.float32, seed=3)
+    q, k, v, *rest = on_device(make_inputs([LONG, 0, 9], 4, 2, 64, 16, dtype=torch.float32, seed=3))
     v = v.contiguous()  # K and V with different strides
-    buf = torch.full((3, 4, 2 * 64), 7.0)
+    buf = torch.full((3, 4, 2 * 64), 7.0, device=DEVICE)
     out = buf[:, :, :64]  # non-contiguous destination; the other half must stay untouched
     ret = paged_attention_triton(q, k, v, *rest, out=out)
     assert ret is out
@@ -134,6 +144,6 @@ def test_dispatch_uses_reference_on_cpu():
 
 @needs_triton
 def test_triton_rejects_non_power_of_two_head_dim():
-    args = make_inputs([5], 2, 1, 48, 8, dtype=torch.float32)
+    args = on_device(make_inputs([5], 2, 1, 48, 8, dtype=torch.float32))
     with pytest.raises(AssertionError, match="power of 2"):
         paged_attention_triton(*args)
