@@ -187,6 +187,7 @@ def test_triton_long_random_tables(ppp):
 ENGINE_SHAPES = {
     "demo": (5, 1, 64), "demo_draft": (3, 1, 64), "llama": (4, 2, 16), "qwen3": (4, 1, 32),
     "draft": (2, 1, 16), "gqa1_hd16": (2, 2, 16),
+    "group16": (16, 1, 64),  # more query heads a kv head than the 8 columns a page slot takes
 }
 # Mixed formats, partial pages, a row of quantized pages only, a tail-only row, and a CUDA-graph padding row
 # (no pages at all: its table is all zeros, like the engine's).
