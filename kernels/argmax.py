@@ -1,8 +1,9 @@
 """Greedy token choice: the index of each row's largest logit.
 
-`argmax_rows` runs one Triton program per row on a GPU (the rows of a decode step sit in L2, just
-written by the lm_head) and `torch.argmax` elsewhere. Ties go to the lowest index, as torch.argmax; a
-NaN counts as +inf (torch would pick the first NaN). PyTorch's own argmax took 28 us a token for one
+`argmax_rows_ref` is the plain-PyTorch definition (torch.argmax) and the CPU path; `argmax_rows_triton`
+runs one program per row (the rows of a decode step sit in L2, just written by the lm_head);
+`argmax_rows` picks one by device. Ties go to the lowest index, as torch.argmax; the kernel counts a NaN
+as +inf (torch picks the first NaN). PyTorch's own argmax took 28 us a token for one
 128256-wide row on an H100 (bench/step_profile.py), about 1 % of a 4-bit step.
 """
 
@@ -45,14 +46,18 @@ if triton is not None:
         tl.store(out_ptr + row, tl.min(tl.where(best == top, best_i, 2**31 - 1), 0).to(tl.int64))
 
 
+def argmax_rows_ref(x: Tensor) -> Tensor:
+    return x.argmax(dim=-1)
+
+
 def argmax_rows(x: Tensor) -> Tensor:
     """x [rows, width] -> int64 [rows]: the first index of each row's maximum."""
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"argmax_rows: expected a non-empty [rows, width] tensor, got {tuple(x.shape)}")
     # ROCm builds of torch report their GPUs as device type "cuda" too.
-    if x.device.type != "cuda" or triton is None:
-        return x.argmax(dim=-1)
-    return argmax_rows_triton(x)
+    if x.device.type == "cuda" and triton is not None:
+        return argmax_rows_triton(x)
+    return argmax_rows_ref(x)
 
 
 def argmax_rows_triton(x: Tensor) -> Tensor:
