@@ -36,10 +36,13 @@ from optd.kernels.kv_pages import (
     unpack_pages,
 )
 from optd.kernels.paged_attention import TILE, attend_ref, paged_attention_ref
+from optd.kernels.pdl import pdl_options
 
 try:
     import triton
     import triton.language as tl
+
+    from optd.kernels.pdl import pdl_wait
 except ImportError:  # the reference path must keep working without triton
     triton = None
 
@@ -588,10 +591,11 @@ if triton is not None:
         TP4: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, PPP: tl.constexpr, PPP2: tl.constexpr,
         TILE: tl.constexpr,
         SINGLE: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-        F16: tl.constexpr, ASM: tl.constexpr,
+        F16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """Row r, kv head kvh, pages [part * PPP, (part + 1) * PPP) of the row: _streams_partition where
         it has quantized pages, else _tail_partition."""
+        pdl_wait(PDL)
         r = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -672,12 +676,13 @@ def packed_paged_attention_triton(
         SINGLE=single, UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, PREFETCH=cfg.prefetch,
         STAGES=cfg.quant_stages, F16=q.dtype != torch.float32, ASM=cfg.asm and nvidia,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and nvidia else {}),
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and nvidia else {}), **pdl_options(q.device),
     )
     if not single:
         paged.reduce_partitions[(num_rows, num_heads)](
             m, l, acc, tail_lens, packed_pages, out, out.stride(0), out.stride(1), num_heads, num_parts,
             HEAD_DIM=head_dim, PART=ppp, CHUNK=16, BLOCK_SIZE=block_size, PACKED=True,
+            **pdl_options(q.device),
         )
     return out
 
