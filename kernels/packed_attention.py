@@ -68,6 +68,8 @@ class PackedConfig:
 PROGRAMS_PER_SM = 4
 # The most pages per partition the default config gives a program, while the grid fills whole waves.
 MAX_PAGES_PER_PART = 24
+# Partitions of up to this many pages run their quantized pages' loop unpipelined (see default_config).
+SHORT_PART = 20
 
 
 @functools.cache
@@ -84,14 +86,22 @@ def default_config(num_rows: int, num_kv_heads: int, max_pages: int, device: tor
     as a full one; fewer, longer partitions save per-program setup and reduce work. The H100 sweeps
     (bench/kv_attention.py --sweep, Llama-3-8B shape, batch 8): at 32k tokens int8 and int4 pages run
     best at 20-24 pages per partition; at 8k, int8 at 18 pages = 1.9 waves in 72-75 us, against 95 us at
-    16 pages = 2.2 waves and 89 us at 24 pages = 1.5 waves."""
+    16 pages = 2.2 waves and 89 us at 24 pages = 1.5 waves.
+
+    The quantized pages' loop: up to SHORT_PART pages (a few tiles) without software pipelining, the
+    next tile's page lookups fetched one tile ahead; longer ones pipelined over two stages with V's
+    codes and scales one tile ahead too. Session 7's sweep on the H100 (int8 / int4): at 8k (18 pages)
+    70.5 / 50.0 us against 72.1 / 52.1 us for the long setting; at 32k (24 pages) 260.9 / 184.0 us
+    against 281.6 / 186.2 us for the short one."""
     slots = PROGRAMS_PER_SM * _sm_count(device)
     pairs = num_rows * num_kv_heads
     min_parts = _ceil_div(max_pages, MAX_PAGES_PER_PART)
     waves = _ceil_div(min_parts * pairs, slots)
     parts = max(min_parts, waves * slots // pairs)
     ppp = _ceil_div(max_pages, parts)
-    return PackedConfig(pages_per_part=max(2, ppp + ppp % 2))
+    ppp = max(2, ppp + ppp % 2)
+    short = ppp <= SHORT_PART
+    return PackedConfig(pages_per_part=ppp, prefetch=1 if short else 2, quant_stages=1 if short else 2)
 
 
 def _ceil_div(a, b):
