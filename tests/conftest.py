@@ -4,6 +4,13 @@ import pytest
 
 # Triton kernels run through the interpreter on CPU (CI has no GPU); must be set before triton imports.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The two xdist workers share CI's two cores: one intra-op thread each (daemons they start included), or
+# their thread pools contend (tests/engine's kv_compression and quality modules: 5m38s -> 4m59s).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _shared_fixture_group(item: pytest.Item) -> str | None:
