@@ -3,8 +3,9 @@
 `argmax_rows_ref` is the plain-PyTorch definition (torch.argmax) and the CPU path; `argmax_rows_triton`
 runs one program per row (the rows of a decode step sit in L2, just written by the lm_head);
 `argmax_rows` picks one by device. Ties go to the lowest index, as torch.argmax; the kernel counts a NaN
-as +inf (torch picks the first NaN). PyTorch's own argmax took 28 us a token for one
-128256-wide row on an H100 (bench/step_profile.py), about 1 % of a 4-bit step.
+as +inf (torch picks the first NaN). On an H100, PyTorch's own argmax took 28 us of kernel time for one
+128256-wide row (this one 15 us), and the engine decoded ~150 us a token faster without it
+(bench/RESULTS.md, session 7).
 """
 
 import torch
@@ -29,17 +30,18 @@ if triton is not None:
     @triton.jit
     def _argmax_kernel(x_ptr, out_ptr, sx, width, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """Each lane keeps its own best (value, first index) over the row's blocks, with no exchange
-        between threads; one reduction at the end."""
+        between threads; one reduction at the end. A lane starts at its own column with -inf, so a row
+        of -inf gives index 0 (lanes past a short row's end hold -inf at larger indices)."""
         pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_i = tl.full([BLOCK], 2**31 - 1, tl.int32)
+        best_i = cols
         for start in tl.range(0, width, BLOCK, num_stages=3):
             i = start + cols
             v = tl.load(x_ptr + row * sx + i, mask=i < width, other=float("-inf")).to(tl.float32)
             v = tl.where(v != v, float("inf"), v)
-            better = (v > best) | ((best_i == 2**31 - 1) & (i < width))  # first block: any value wins
+            better = v > best  # strictly: a lane keeps its first index of a value
             best = tl.where(better, v, best)
             best_i = tl.where(better, i, best_i)
         top = tl.max(best, 0)
