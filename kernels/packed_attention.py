@@ -54,8 +54,10 @@ class PackedConfig:
     pages_per_part: int  # pages per flash-decoding partition (each page is block_bytes)
     num_warps: int = 4
     num_stages: int = 3  # Triton's software pipelining depth for the 16-bit tail
-    quant_stages: int = 2  # the same for the quantized pages' loads (1: none)
-    prefetch: int = 0  # 0, 1, 2: see _quant_pages
+    # The same for the quantized pages' loop (1: none; with 2, Triton also stages the page lookups
+    # through shared memory, behind barriers: H100, 8B shape, 32k int4 190.6 us against 177.6 us).
+    quant_stages: int = 1
+    prefetch: int = 1  # 0, 1, 2: see _quant_pages
     # Token rows per int4 tile: pages per tile (1, 2) = tile_rows // (T4 rounded to 2^k), and 1 for GQA
     # groups of more than 4 heads (see packed_paged_attention_triton).
     tile_rows: int = 128
@@ -68,8 +70,6 @@ class PackedConfig:
 PROGRAMS_PER_SM = 4
 # The most pages per partition the default config gives a program, while the grid fills whole waves.
 MAX_PAGES_PER_PART = 24
-# Partitions of up to this many pages run their quantized pages' loop unpipelined (see default_config).
-SHORT_PART = 20
 
 
 @functools.cache
@@ -86,13 +86,7 @@ def default_config(num_rows: int, num_kv_heads: int, max_pages: int, device: tor
     as a full one; fewer, longer partitions save per-program setup and reduce work. The H100 sweeps
     (bench/kv_attention.py --sweep, Llama-3-8B shape, batch 8): at 32k tokens int8 and int4 pages run
     best at 20-24 pages per partition; at 8k, int8 at 18 pages = 1.9 waves in 72-75 us, against 95 us at
-    16 pages = 2.2 waves and 89 us at 24 pages = 1.5 waves.
-
-    The quantized pages' loop: up to SHORT_PART pages (a few tiles) without software pipelining, the
-    next tile's page lookups fetched one tile ahead; longer ones pipelined over two stages with V's
-    codes and scales one tile ahead too. Session 7's sweep on the H100 (int8 / int4): at 8k (18 pages)
-    70.5 / 50.0 us against 72.1 / 52.1 us for the long setting; at 32k (24 pages) 260.9 / 184.0 us
-    against 281.6 / 186.2 us for the short one."""
+    16 pages = 2.2 waves and 89 us at 24 pages = 1.5 waves."""
     slots = PROGRAMS_PER_SM * _sm_count(device)
     pairs = num_rows * num_kv_heads
     min_parts = _ceil_div(max_pages, MAX_PAGES_PER_PART)
@@ -100,8 +94,7 @@ def default_config(num_rows: int, num_kv_heads: int, max_pages: int, device: tor
     parts = max(min_parts, waves * slots // pairs)
     ppp = _ceil_div(max_pages, parts)
     ppp = max(2, ppp + ppp % 2)
-    short = ppp <= SHORT_PART
-    return PackedConfig(pages_per_part=ppp, prefetch=1 if short else 2, quant_stages=1 if short else 2)
+    return PackedConfig(pages_per_part=ppp)
 
 
 def _ceil_div(a, b):
@@ -310,34 +303,36 @@ if triton is not None:
         return tl.where(slot == 0, a0, a1)
 
     @triton.jit
-    def _k_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4: tl.constexpr, T: tl.constexpr,
-                 TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, G2: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
-        """The K of a tile of pages (blk0, n0) and (blk1, n1) in slots 0 and 1: row j*TP+t is token t of
-        page j, column j*G2+g query head g of its streams. Code words [NS*TP, CB/4] (zero past the
-        visible tokens) and the columns' K scale and zero [NC, HEAD_DIM] in _k_codes' channel order
-        (zero past the tile's pages)."""
+    def _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr,
+                      NS: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
+        """The K codes of a tile of pages (blk0, n0) and (blk1, n1) in slots 0 and 1: row j*TP+t is token
+        t of page j; code words [NS*TP, CB/4], zero past the visible tokens."""
         rows = tl.arange(0, NS * TP)
         slot = rows // TP
         t = rows % TP
         base = _pick(slot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4) + t * (CB // 4)
         # The cache is streamed once per call: don't let it push q, tables and metadata out of L2.
-        kc = tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :],
-                     mask=(t < _pick(slot, n0, n1))[:, None], other=0, eviction_policy="evict_first")
+        return tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :],
+                       mask=(t < _pick(slot, n0, n1))[:, None], other=0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, INT4: tl.constexpr, T: tl.constexpr,
+                       CB: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, G2: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
+        """The K scale and zero of a tile's pages for each column j*G2+g (query head g of slot j's
+        stream): [NC, HEAD_DIM] in _k_codes' channel order, zero past the tile's pages."""
         # Halves after the codes: K scale [D] | K zero [D] | V scale [T] | V zero [T].
         cslot = tl.arange(0, NC) // G2
         h = _pick(cslot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB
         h = half_ptr + h[:, None] + _k_channels(INT4, HEAD_DIM)[None, :]
         here = (cslot < NS) & (_pick(cslot, n0, n1) > 0)
-        ks = tl.load(h, mask=here[:, None], other=0.0)
-        kz = tl.load(h + HEAD_DIM, mask=here[:, None], other=0.0)
-        return kc, ks, kz
+        return tl.load(h, mask=here[:, None], other=0.0), tl.load(h + HEAD_DIM, mask=here[:, None], other=0.0)
 
     @triton.jit
     def _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T: tl.constexpr, TP: tl.constexpr,
                  CB: tl.constexpr, NS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
                  SLICE: tl.constexpr):
-        """The V of a tile (as _k_loads): code words [NS*TP, CB/4] and the rows' V scale and zero
+        """The V of a tile (as _k_code_loads): code words [NS*TP, CB/4] and the rows' V scale and zero
         [NS*TP] (zero past the visible tokens)."""
         rows = tl.arange(0, NS * TP)
         slot = rows // TP
@@ -387,22 +382,37 @@ if triton is not None:
         return tl.exp2(s - m_safe[None, :]), tl.exp2(m - m_safe), m_new
 
     @triton.jit
-    def _tile_values(p, alpha, vc, vs, vz, l, acc, INT4: tl.constexpr, TP: tl.constexpr, NS: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
-        """The tile's probabilities p [NS*TP, NC] times its V into the streams' (l [NC], acc [D, NC],
-        acc's rows in _v_codes' order). V's per-token scale and zero go into p: sum_t p_t (c_t*vs_t +
-        vz_t) = sum_t (p_t*vs_t) c_t + sum_t p_t*vz_t, the codes into the dot as 1024 + c, the 1024 off
-        with the sum of the rounded p*vs (scaled by 64 while in float16, out of its subnormal range)."""
+    def _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4: tl.constexpr, TP: tl.constexpr,
+                     NS: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+        """The tile's probabilities p [NS*TP, NC] times its V into acc [D, NC] (rows in _v_codes' order).
+        V's per-token scale and zero go into p: sum_t p_t (c_t*vs_t + vz_t) = sum_t (p_t*vs_t) c_t +
+        sum_t p_t*vz_t, the codes into the dot as 1024 + c (scaled by 64 while in float16, out of its
+        subnormal range). The column sums that finish the job (of p for l, of the rounded p*vs that
+        takes the 1024 off, of p*vz) stay per row in rl, rpv, rz, rescaled with acc, for _finish_values
+        after the loop: one reduction across warps a partition instead of one a tile."""
         dt = tl.float16 if F16 else tl.float32
-        off = 1024.0 if F16 else 0.0
         vs_scale = 64.0 if F16 else 1.0
         pv = (p * (vs.to(tl.float32) * vs_scale)[:, None]).to(dt)
-        # One reduction over the tile's rows for the three column sums.
-        sp, spv, zv = tl.reduce((p, pv.to(tl.float32), p * vz.to(tl.float32)[:, None]), 0, _add3)
+        rl = rl * alpha[None, :] + p
+        rpv = rpv * alpha[None, :] + pv.to(tl.float32)
+        rz = rz * alpha[None, :] + p * vz.to(tl.float32)[:, None]
         o = tl.dot(tl.trans(_v_codes(vc, INT4, NS * TP, HEAD_DIM, F16, ASM)), pv, input_precision="ieee")
-        cs = tl.where((tl.arange(0, HEAD_DIM) // 2 % 2 == 1) & INT4, 0.0625, 1.0)  # int4's 16 c (odd ch.)
-        acc = acc * alpha[None, :] + (o - off * spv[None, :]) * (cs / vs_scale)[:, None] + zv[None, :]
-        return l * alpha + sp, acc
+        acc = acc * alpha[None, :] + o * (_v_code_scales(INT4, HEAD_DIM) / vs_scale)[:, None]
+        return rl, rpv, rz, acc
+
+    @triton.jit
+    def _v_code_scales(INT4: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Per row of acc: 1, or 1/16 for int4's odd channels (they come as 16 c)."""
+        return tl.where((tl.arange(0, HEAD_DIM) // 2 % 2 == 1) & INT4, 0.0625, 1.0)
+
+    @triton.jit
+    def _finish_values(rl, rpv, rz, acc, INT4: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr):
+        """(l, acc) from _tile_values' running rows: the column sums, the codes' 1024 off, V's zeros on."""
+        off = 1024.0 if F16 else 0.0
+        vs_scale = 64.0 if F16 else 1.0
+        sp, spv, zv = tl.reduce((rl, rpv, rz), 0, _add3)
+        cs = _v_code_scales(INT4, HEAD_DIM)
+        return sp, acc - (off / vs_scale) * spv[None, :] * cs[:, None] + zv[None, :]
 
     @triton.jit
     def _quant_pages(
@@ -414,34 +424,49 @@ if triton is not None:
     ):
         """The partition's quantized pages of format FMT (others count as empty), NS per tile.
         STAGES: Triton's software pipelining of the loop (1: none). PREFETCH 0: every load of a tile at
-        its start. 1: the page lookups (table, then metadata: two dependent loads) one tile ahead, the codes
-        at the tile's start. 2: V's codes and scales one tile ahead too."""
+        its start. 1: the page lookups (table, then metadata: two dependent loads) one tile ahead, and
+        for int8 K's scales too; the codes at the tile's start. 2: V's codes and scales one tile ahead
+        too."""
         INT4: tl.constexpr = FMT == 2
         # q * scale * log2(e) per column, channels in _k_codes' order.
         qs = tl.load(q_ptr + q_cols[:, None] + _k_channels(INT4, HEAD_DIM)[None, :], mask=q_mask[:, None],
                      other=0.0).to(tl.float32) * scale_log2
+        # K's scales of the next tile ahead with the lookups where registers allow: int4 tiles hold twice
+        # the tokens (H100, 8B shape: int8 8k 67.2 -> 64.4 us; int4 47.9 -> 48.9 us, spilling).
+        KSA: tl.constexpr = PREFETCH > 0 and not INT4
+        R: tl.constexpr = NS * TP
+        rl = tl.where(tl.arange(0, R)[:, None] == 0, l[None, :], 0.0)  # l so far, rescaled from here on
+        rpv = tl.zeros([R, NC], tl.float32)
+        rz = tl.zeros([R, NC], tl.float32)
         if PREFETCH == 0:
             for i in tl.range(0, count, NS, num_stages=STAGES):
                 blk0, n0 = _page(bt_row, meta_ptr, start, i, count, FMT, T)
                 blk1, n1 = _page(bt_row, meta_ptr, start, i + 1, count if NS > 1 else 0, FMT, T)
-                kc, ks, kz = _k_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, NC,
-                                      G2, HEAD_DIM, BLOCK_BYTES, SLICE)
+                kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, BLOCK_BYTES, SLICE)
+                ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, CB, NS, NC, G2, HEAD_DIM,
+                                        BLOCK_BYTES, SLICE)
                 vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
                                       BLOCK_BYTES, SLICE)
                 p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
                                            ASM)
-                l, acc = _tile_values(p, alpha, vc, vs, vz, l, acc, INT4, TP, NS, HEAD_DIM, F16, ASM)
+                rl, rpv, rz, acc = _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4, TP, NS,
+                                                HEAD_DIM, F16, ASM)
         else:
             blk0, n0 = _page(bt_row, meta_ptr, start, 0, count, FMT, T)
             blk1, n1 = _page(bt_row, meta_ptr, start, 1, count if NS > 1 else 0, FMT, T)
+            if KSA:
+                ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, CB, NS, NC, G2, HEAD_DIM,
+                                        BLOCK_BYTES, SLICE)
             if PREFETCH == 2:
                 vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
                                       BLOCK_BYTES, SLICE)
             for i in tl.range(0, count, NS, num_stages=STAGES):
-                # This tile's K at its start (held in registers across iterations, the codes would miss
+                # This tile's K codes at its start (held in registers across iterations, they would miss
                 # the path through shared memory that unpacks them in the dot's registers).
-                kc, ks, kz = _k_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, NC,
-                                      G2, HEAD_DIM, BLOCK_BYTES, SLICE)
+                kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, BLOCK_BYTES, SLICE)
+                if not KSA:
+                    ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, CB, NS, NC, G2,
+                                            HEAD_DIM, BLOCK_BYTES, SLICE)
                 if PREFETCH == 1:
                     vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS,
                                           HEAD_DIM, BLOCK_BYTES, SLICE)
@@ -449,13 +474,18 @@ if triton is not None:
                 nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count if NS > 1 else 0, FMT, T)
                 p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
                                            ASM)
+                if KSA:
+                    ks, kz = _k_scale_loads(half_ptr, nblk0, nn0, nblk1, nn1, kvh, INT4, T, CB, NS, NC, G2,
+                                            HEAD_DIM, BLOCK_BYTES, SLICE)
                 if PREFETCH == 2:
                     vc1, vs1, vz1 = _v_loads(words_ptr, half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, TP, CB, NS,
                                              HEAD_DIM, BLOCK_BYTES, SLICE)
-                l, acc = _tile_values(p, alpha, vc, vs, vz, l, acc, INT4, TP, NS, HEAD_DIM, F16, ASM)
+                rl, rpv, rz, acc = _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4, TP, NS,
+                                                HEAD_DIM, F16, ASM)
                 if PREFETCH == 2:
                     vc, vs, vz = vc1, vs1, vz1
                 blk0, n0, blk1, n1 = nblk0, nn0, nblk1, nn1
+        l, acc = _finish_values(rl, rpv, rz, acc, INT4, HEAD_DIM, F16)
         return m, l, acc
 
     @triton.jit
