@@ -11,6 +11,8 @@ pages of any format share one pool and one allocator; a quantized page just hold
       K codes [T, cb] | V codes [T, cb] | K scale [D] f16 | K zero [D] f16 | V scale [T] f16 | V zero [T] f16
   Keys are quantized per channel over the page's tokens (their outlier channels stay confined to their
   own scale), values per token over its channels. x ≈ code * scale + zero. Unused token slots are zero.
+  K scale and zero are stored in `k_channel_order` (int4: the order the attention kernel's dots see the
+  channels in, so it loads them contiguously; int8: channel order).
 - Page metadata, per block id and shared by all layers: int32 fmt * 256 + ntok for quantized pages, 0 for
   native ones (their valid count is the sequence's).
 
@@ -53,6 +55,19 @@ def tokens_per_page(fmt: int, block_bytes: int, num_kv_heads: int, head_dim: int
     if not 0 < t <= MAX_NTOK:
         raise ValueError(f"format {fmt} holds {t} tokens per page; the metadata allows 1..{MAX_NTOK}")
     return t
+
+
+def k_channel_order(fmt: int, head_dim: int) -> Tensor:
+    """The channel held at each position of a page's K scale and zero. int4 with a power-of-2 head_dim
+    >= 16: in each run of 8 * RUN channels (RUN = 4, or 2 when head_dim is 16), position 4 RUN h + 4c +
+    2a + b holds channel 8c + 4b + 2h + a (kernels/packed_attention.py's _k_channels); otherwise the
+    identity."""
+    p = torch.arange(head_dim)
+    if fmt != FMT_INT4 or head_dim < 16 or head_dim & (head_dim - 1):
+        return p
+    run = 4 if head_dim >= 32 else head_dim // 8
+    return (p // (8 * run) * (8 * run) + (p // 4) % run * 8 + p % 2 * 4 + (p // (4 * run)) % 2 * 2
+            + (p // 2) % 2)
 
 
 def encode_meta(fmt: int | Tensor, ntok: int | Tensor) -> int | Tensor:
@@ -128,8 +143,9 @@ def pack_pages(k: Tensor, v: Tensor, fmt: int, block_bytes: int) -> Tensor:
     out[:, :, : n * cb] = k_codes.reshape(num_pages, num_kv_heads, n * cb)
     out[:, :, t * cb : (t + n) * cb] = v_codes.reshape(num_pages, num_kv_heads, n * cb)
     halves = torch.zeros(num_pages, num_kv_heads, 2 * head_dim + 2 * t, dtype=torch.float16, device=k.device)
-    halves[..., :head_dim] = k_scale
-    halves[..., head_dim : 2 * head_dim] = k_zero
+    order = k_channel_order(fmt, head_dim).to(k.device)
+    halves[..., :head_dim] = k_scale[..., order]
+    halves[..., head_dim : 2 * head_dim] = k_zero[..., order]
     halves[..., 2 * head_dim : 2 * head_dim + n] = v_scale
     halves[..., 2 * head_dim + t : 2 * head_dim + t + n] = v_zero
     out[:, :, 2 * t * cb : 2 * t * cb + halves.shape[-1] * 2] = halves.view(torch.uint8)
@@ -157,7 +173,8 @@ def unpack_pages(
         v_codes = torch.stack((v_codes & 15, v_codes >> 4), -1).flatten(-2)
     # A copy: float16 views need an aligned, contiguous byte range.
     halves = rows[..., 2 * t * cb : 2 * t * cb + 4 * (head_dim + t)].contiguous().view(torch.float16).float()
-    k_scale, k_zero = halves[..., None, :head_dim], halves[..., None, head_dim : 2 * head_dim]
+    stored = torch.argsort(k_channel_order(fmt, head_dim)).to(data.device)  # each channel's position
+    k_scale, k_zero = halves[..., None, stored], halves[..., None, head_dim + stored]
     v_scale = halves[..., 2 * head_dim : 2 * head_dim + ntok, None]
     v_zero = halves[..., 2 * head_dim + t : 2 * head_dim + t + ntok, None]
     k = k_codes.float() * k_scale + k_zero  # [N, Hkv, ntok, D]

@@ -316,17 +316,34 @@ if triton is not None:
                        mask=(t < _pick(slot, n0, n1))[:, None], other=0, eviction_policy="evict_first")
 
     @triton.jit
-    def _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, INT4: tl.constexpr, T: tl.constexpr,
-                       CB: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, G2: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
+    def _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr,
+                       NC: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                       SLICE: tl.constexpr):
         """The K scale and zero of a tile's pages for each column j*G2+g (query head g of slot j's
-        stream): [NC, HEAD_DIM] in _k_codes' channel order, zero past the tile's pages."""
-        # Halves after the codes: K scale [D] | K zero [D] | V scale [T] | V zero [T].
-        cslot = tl.arange(0, NC) // G2
-        h = _pick(cslot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB
-        h = half_ptr + h[:, None] + _k_channels(INT4, HEAD_DIM)[None, :]
-        here = (cslot < NS) & (_pick(cslot, n0, n1) > 0)
-        return tl.load(h, mask=here[:, None], other=0.0), tl.load(h + HEAD_DIM, mask=here[:, None], other=0.0)
+        stream): [NC, HEAD_DIM] in _k_codes' channel order, as stored (zeros for an empty page)."""
+        if NC <= 8:
+            # Each column loads its page's pair: 16-byte loads, in the layout the scores use (H100, 8B
+            # shape, int4: 8k 48.7 -> 44.3 us and 32k 175.1 -> 161.0 us against the broadcast below).
+            cslot = tl.arange(0, NC) // G2
+            h = _pick(cslot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB
+            h = half_ptr + h[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+            here = ((cslot < NS) & (_pick(cslot, n0, n1) > 0))[:, None]
+            return tl.load(h, mask=here, other=0.0), tl.load(h + HEAD_DIM, mask=here, other=0.0)
+        # Wider groups (one page a tile): the page's pair broadcast over the columns. The load above
+        # faulted at 16 columns on the H100 (test_packed_attention's group16 shape; a compiler
+        # problem, as session 5's 16-column tiles).
+        ks, kz = _page_k_scales(half_ptr, blk0, n0, kvh, T, CB, HEAD_DIM, BLOCK_BYTES, SLICE)
+        return tl.broadcast_to(ks[None, :], [NC, HEAD_DIM]), tl.broadcast_to(kz[None, :], [NC, HEAD_DIM])
+
+    @triton.jit
+    def _page_k_scales(half_ptr, blk, n, kvh, T: tl.constexpr, CB: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
+        """One page's K scale and zero [HEAD_DIM] (zeros for an empty page). The halves after the codes:
+        K scale [D] | K zero [D] | V scale [T] | V zero [T]."""
+        h = blk.to(tl.int64) * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB
+        h = half_ptr + h + tl.arange(0, HEAD_DIM)
+        here = tl.zeros([HEAD_DIM], tl.int32) < n
+        return tl.load(h, mask=here, other=0.0), tl.load(h + HEAD_DIM, mask=here, other=0.0)
 
     @triton.jit
     def _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T: tl.constexpr, TP: tl.constexpr,
@@ -432,7 +449,8 @@ if triton is not None:
         qs = tl.load(q_ptr + q_cols[:, None] + _k_channels(INT4, HEAD_DIM)[None, :], mask=q_mask[:, None],
                      other=0.0).to(tl.float32) * scale_log2
         # K's scales of the next tile ahead with the lookups where registers allow: int4 tiles hold twice
-        # the tokens (H100, 8B shape: int8 8k 67.2 -> 64.4 us; int4 47.9 -> 48.9 us, spilling).
+        # the tokens (H100, 8B shape: int8 8k 67.2 -> 64.4 us; int4 8k 44.3 -> 44.1 us but 32k 162.1 ->
+        # 164.6 us, spilling).
         KSA: tl.constexpr = PREFETCH > 0 and not INT4
         R: tl.constexpr = NS * TP
         rl = tl.where(tl.arange(0, R)[:, None] == 0, l[None, :], 0.0)  # l so far, rescaled from here on
@@ -443,7 +461,7 @@ if triton is not None:
                 blk0, n0 = _page(bt_row, meta_ptr, start, i, count, FMT, T)
                 blk1, n1 = _page(bt_row, meta_ptr, start, i + 1, count if NS > 1 else 0, FMT, T)
                 kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, BLOCK_BYTES, SLICE)
-                ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, CB, NS, NC, G2, HEAD_DIM,
+                ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                         BLOCK_BYTES, SLICE)
                 vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
                                       BLOCK_BYTES, SLICE)
@@ -455,7 +473,7 @@ if triton is not None:
             blk0, n0 = _page(bt_row, meta_ptr, start, 0, count, FMT, T)
             blk1, n1 = _page(bt_row, meta_ptr, start, 1, count if NS > 1 else 0, FMT, T)
             if KSA:
-                ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, CB, NS, NC, G2, HEAD_DIM,
+                ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                         BLOCK_BYTES, SLICE)
             if PREFETCH == 2:
                 vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
@@ -465,8 +483,8 @@ if triton is not None:
                 # the path through shared memory that unpacks them in the dot's registers).
                 kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, BLOCK_BYTES, SLICE)
                 if not KSA:
-                    ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, CB, NS, NC, G2,
-                                            HEAD_DIM, BLOCK_BYTES, SLICE)
+                    ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
+                                             BLOCK_BYTES, SLICE)
                 if PREFETCH == 1:
                     vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS,
                                           HEAD_DIM, BLOCK_BYTES, SLICE)
@@ -475,7 +493,7 @@ if triton is not None:
                 p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
                                            ASM)
                 if KSA:
-                    ks, kz = _k_scale_loads(half_ptr, nblk0, nn0, nblk1, nn1, kvh, INT4, T, CB, NS, NC, G2,
+                    ks, kz = _k_scale_loads(half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, CB, NS, NC, G2,
                                             HEAD_DIM, BLOCK_BYTES, SLICE)
                 if PREFETCH == 2:
                     vc1, vs1, vz1 = _v_loads(words_ptr, half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, TP, CB, NS,

@@ -81,7 +81,11 @@ def decode_by_hand(slice_bytes, fmt, t, head_dim, tok, d):
         return byte & 15 if d % 2 == 0 else byte >> 4
 
     halves = 2 * t * cb
-    k_scale, k_zero = f16(halves + 2 * d), f16(halves + 2 * head_dim + 2 * d)
+    pos = d
+    if fmt == FMT_INT4:  # K scale and zero in the kernel's order: 8c + 4b + 2h + a at 16h + 4c + 2a + b
+        base, c, b, h, a = d // 32 * 32, d % 32 // 8, d % 8 // 4, d % 4 // 2, d % 2
+        pos = base + 16 * h + 4 * c + 2 * a + b
+    k_scale, k_zero = f16(halves + 2 * pos), f16(halves + 2 * head_dim + 2 * pos)
     v_scale, v_zero = f16(halves + 4 * head_dim + 2 * tok), f16(halves + 4 * head_dim + 2 * t + 2 * tok)
     return code(0) * k_scale + k_zero, code(t * cb) * v_scale + v_zero
 
