@@ -125,8 +125,8 @@ def describe(cfg: PackedConfig) -> str:
 
 # The sweep's kernel variants for quantized pages: (tile_rows, prefetch, quant_stages, maxnreg, num_warps).
 QUANT_VARIANTS = [
-    (128, 0, 1, 128, 4), (128, 1, 1, 128, 4), (128, 1, 2, 128, 4), (128, 2, 1, 128, 4), (128, 0, 2, 96, 4),
-    (64, 0, 2, 128, 4),
+    (128, 1, 1, 128, 4), (128, 1, 2, 128, 4), (128, 2, 1, 128, 4), (128, 2, 2, 128, 4), (128, 1, 1, 112, 4),
+    (64, 1, 1, 128, 4),
 ]
 # Pages per partition the sweep tries (the tiles hold two int4 / two int8 pages: even counts).
 SWEEP_PPP = (4, 6, 8, 10, 12, 16, 20, 24, 32)

@@ -57,7 +57,7 @@ class PackedConfig:
     # The same for the quantized pages' loop (1: none; with 2, Triton also stages the page lookups
     # through shared memory, behind barriers: H100, 8B shape, 32k int4 190.6 us against 177.6 us).
     quant_stages: int = 1
-    prefetch: int = 1  # 0, 1, 2: see _quant_pages
+    prefetch: int = 1  # 1, 2: see _quant_pages
     # Token rows per int4 tile: pages per tile (1, 2) = tile_rows // (T4 rounded to 2^k), and 1 for GQA
     # groups of more than 4 heads (see packed_paged_attention_triton).
     tile_rows: int = 128
@@ -440,10 +440,9 @@ if triton is not None:
         ASM: tl.constexpr,
     ):
         """The partition's quantized pages of format FMT (others count as empty), NS per tile.
-        STAGES: Triton's software pipelining of the loop (1: none). PREFETCH 0: every load of a tile at
-        its start. 1: the page lookups (table, then metadata: two dependent loads) one tile ahead, and
-        for int8 K's scales too; the codes at the tile's start. 2: V's codes and scales one tile ahead
-        too."""
+        STAGES: Triton's software pipelining of the loop (1: none). The page lookups (table, then
+        metadata: two dependent loads) run one tile ahead, and for int8 K's scales too; the codes load at
+        the tile's start. PREFETCH 2: V's codes and scales one tile ahead too."""
         INT4: tl.constexpr = FMT == 2
         # q * scale * log2(e) per column, channels in _k_codes' order.
         qs = tl.load(q_ptr + q_cols[:, None] + _k_channels(INT4, HEAD_DIM)[None, :], mask=q_mask[:, None],
@@ -451,58 +450,44 @@ if triton is not None:
         # K's scales of the next tile ahead with the lookups where registers allow: int4 tiles hold twice
         # the tokens (H100, 8B shape: int8 8k 67.2 -> 64.4 us; int4 8k 44.3 -> 44.1 us but 32k 162.1 ->
         # 164.6 us, spilling).
-        KSA: tl.constexpr = PREFETCH > 0 and not INT4
+        KSA: tl.constexpr = not INT4
         R: tl.constexpr = NS * TP
         rl = tl.where(tl.arange(0, R)[:, None] == 0, l[None, :], 0.0)  # l so far, rescaled from here on
         rpv = tl.zeros([R, NC], tl.float32)
         rz = tl.zeros([R, NC], tl.float32)
-        if PREFETCH == 0:
-            for i in tl.range(0, count, NS, num_stages=STAGES):
-                blk0, n0 = _page(bt_row, meta_ptr, start, i, count, FMT, T)
-                blk1, n1 = _page(bt_row, meta_ptr, start, i + 1, count if NS > 1 else 0, FMT, T)
-                kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, BLOCK_BYTES, SLICE)
+        blk0, n0 = _page(bt_row, meta_ptr, start, 0, count, FMT, T)
+        blk1, n1 = _page(bt_row, meta_ptr, start, 1, count if NS > 1 else 0, FMT, T)
+        if KSA:
+            ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
+                                    BLOCK_BYTES, SLICE)
+        if PREFETCH == 2:
+            vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
+                                  BLOCK_BYTES, SLICE)
+        for i in tl.range(0, count, NS, num_stages=STAGES):
+            # This tile's K codes at its start (held in registers across iterations, they would miss
+            # the path through shared memory that unpacks them in the dot's registers).
+            kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, BLOCK_BYTES, SLICE)
+            if not KSA:
                 ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                         BLOCK_BYTES, SLICE)
-                vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
-                                      BLOCK_BYTES, SLICE)
-                p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
-                                           ASM)
-                rl, rpv, rz, acc = _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4, TP, NS,
-                                                HEAD_DIM, F16, ASM)
-        else:
-            blk0, n0 = _page(bt_row, meta_ptr, start, 0, count, FMT, T)
-            blk1, n1 = _page(bt_row, meta_ptr, start, 1, count if NS > 1 else 0, FMT, T)
+            if PREFETCH == 1:
+                vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS,
+                                      HEAD_DIM, BLOCK_BYTES, SLICE)
+            nblk0, nn0 = _page(bt_row, meta_ptr, start, i + NS, count, FMT, T)
+            nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count if NS > 1 else 0, FMT, T)
+            p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
+                                       ASM)
             if KSA:
-                ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
-                                        BLOCK_BYTES, SLICE)
+                ks, kz = _k_scale_loads(half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, CB, NS, NC, G2,
+                                        HEAD_DIM, BLOCK_BYTES, SLICE)
             if PREFETCH == 2:
-                vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
-                                      BLOCK_BYTES, SLICE)
-            for i in tl.range(0, count, NS, num_stages=STAGES):
-                # This tile's K codes at its start (held in registers across iterations, they would miss
-                # the path through shared memory that unpacks them in the dot's registers).
-                kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, BLOCK_BYTES, SLICE)
-                if not KSA:
-                    ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
-                                             BLOCK_BYTES, SLICE)
-                if PREFETCH == 1:
-                    vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS,
-                                          HEAD_DIM, BLOCK_BYTES, SLICE)
-                nblk0, nn0 = _page(bt_row, meta_ptr, start, i + NS, count, FMT, T)
-                nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count if NS > 1 else 0, FMT, T)
-                p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
-                                           ASM)
-                if KSA:
-                    ks, kz = _k_scale_loads(half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, CB, NS, NC, G2,
-                                            HEAD_DIM, BLOCK_BYTES, SLICE)
-                if PREFETCH == 2:
-                    vc1, vs1, vz1 = _v_loads(words_ptr, half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, TP, CB, NS,
-                                             HEAD_DIM, BLOCK_BYTES, SLICE)
-                rl, rpv, rz, acc = _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4, TP, NS,
-                                                HEAD_DIM, F16, ASM)
-                if PREFETCH == 2:
-                    vc, vs, vz = vc1, vs1, vz1
-                blk0, n0, blk1, n1 = nblk0, nn0, nblk1, nn1
+                vc1, vs1, vz1 = _v_loads(words_ptr, half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, TP, CB, NS,
+                                         HEAD_DIM, BLOCK_BYTES, SLICE)
+            rl, rpv, rz, acc = _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4, TP, NS,
+                                            HEAD_DIM, F16, ASM)
+            if PREFETCH == 2:
+                vc, vs, vz = vc1, vs1, vz1
+            blk0, n0, blk1, n1 = nblk0, nn0, nblk1, nn1
         l, acc = _finish_values(rl, rpv, rz, acc, INT4, HEAD_DIM, F16)
         return m, l, acc
 
@@ -704,7 +689,7 @@ def packed_paged_attention_triton(
     max_pages = block_tables.shape[1]
     cfg = config or default_config(num_rows, num_kv_heads, max_pages, q.device)
     ppp = cfg.pages_per_part
-    assert ppp >= 1, f"pages_per_part {ppp}"
+    assert ppp >= 1 and cfg.prefetch in (1, 2), f"pages_per_part {ppp}, prefetch {cfg.prefetch}"
     group = num_heads // num_kv_heads
     g2 = triton.next_power_of_2(group)
     t8 = tokens_per_page(FMT_INT8, block_bytes, num_kv_heads, head_dim, block_size)
