@@ -1,16 +1,7 @@
-import os
-
+import pytest
 import torch
 
-# The Triton kernel runs through the interpreter on CPU (CI has no GPU). With TRITON_INTERPRET=0 on a
-# machine with a GPU, the same tests run the compiled kernel on cuda. Must precede the first triton import.
-ON_GPU = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-from optd.kernels.kv_pages import (  # noqa: E402
+from optd.kernels.kv_pages import (
     FMT_INT4,
     FMT_INT8,
     FMT_NATIVE,
@@ -19,22 +10,15 @@ from optd.kernels.kv_pages import (  # noqa: E402
     tokens_per_page,
     unpack_pages,
 )
-from optd.kernels.packed_attention import (  # noqa: E402
+from optd.kernels.packed_attention import (
     PackedConfig,
     packed_paged_attention,
     packed_paged_attention_ref,
     packed_paged_attention_triton,
 )
-from optd.kernels.paged_attention import paged_attention_ref, paged_attention_triton  # noqa: E402
+from optd.kernels.paged_attention import paged_attention_ref, paged_attention_triton
+from tests.kernels.test_rmsnorm import DEVICE, needs_triton
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: Triton kernel not tested")
-DEVICE = "cuda" if ON_GPU else "cpu"
 FULL = None  # a quantized page filled to its format's capacity
 
 

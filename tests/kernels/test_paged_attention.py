@@ -1,31 +1,14 @@
-import os
-
+import pytest
 import torch
 
-# The Triton kernel runs through the interpreter on CPU (CI has no GPU). With TRITON_INTERPRET=0 on a
-# machine with a GPU, the same tests run the compiled kernel on cuda. Must precede the first triton import.
-ON_GPU = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-from optd.kernels.paged_attention import (  # noqa: E402
+from optd.kernels.paged_attention import (
     PARTITION_SIZE,
     TILE,
     paged_attention,
     paged_attention_ref,
     paged_attention_triton,
 )
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: Triton kernel not tested")
-DEVICE = "cuda" if ON_GPU else "cpu"
+from tests.kernels.test_rmsnorm import DEVICE, needs_triton
 
 
 def make_inputs(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
