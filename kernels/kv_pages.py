@@ -6,9 +6,14 @@ pages of any format share one pool and one allocator; a quantized page just hold
 - FMT_NATIVE (0): the 16-bit cache, the row viewed as dtype [2, block_size, Hkv, D] (K then V).
 - FMT_INT8 (1), FMT_INT4 (2): KIVI-style, asymmetric, unsigned codes, no calibration. The row is split
   into Hkv head slices of S = block_bytes // Hkv bytes (head h at h * S). With cb code bytes per token
-  (D for int8; D // 2 for int4: even channel d in the low nibble of byte d // 2, odd in the high), a
-  slice holds T = (S - 4D) // (2cb + 4) tokens as
-      K codes [T, cb] | V codes [T, cb] | K scale [D] f16 | K zero [D] f16 | V scale [T] f16 | V zero [T] f16
+  (D for int8; D // 2 for int4), a slice holds T = (S - 4D) // (2cb + 4) tokens (int4: rounded down to
+  a multiple of 8) as
+      K codes [T, cb] | V codes [T * cb] | K scale [D] f16 | K zero [D] f16 | V scale [T] f16 | V zero [T] f16
+  int8 V codes are [T, D], like K's. int4 K codes pack a token's channels (even channel d in the low
+  nibble of byte d // 2, odd in the high). int4 V codes pack a channel's tokens instead, 8 to a 32-bit
+  word, as [T // 8, D] words: word (w, d) holds channel d of tokens 8w..8w+7, token 8w + j in byte
+  j // 2 (even j in the low nibble). The attention kernel's value dot reduces over tokens, so such a
+  word unpacks straight into its operand, as a word of K's channels does for the score dot.
   Keys are quantized per channel over the page's tokens (their outlier channels stay confined to their
   own scale), values per token over its channels. x ≈ code * scale + zero. Unused token slots are zero.
   K scale and zero are stored in `k_channel_order` (int4: the order the attention kernel's dots see the
@@ -32,6 +37,7 @@ FMT_INT8 = 1
 FMT_INT4 = 2
 QMAX = {FMT_INT8: 255, FMT_INT4: 15}
 MAX_NTOK = 255  # ntok lives in the low 8 bits of the page metadata
+INT4_TOKEN_MULTIPLE = 8  # a channel's int4 V codes fill whole 32-bit words
 
 _F16_MAX = 65504.0
 _F16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
@@ -52,6 +58,8 @@ def tokens_per_page(fmt: int, block_bytes: int, num_kv_heads: int, head_dim: int
         raise ValueError(f"block_bytes {block_bytes} / {num_kv_heads} heads, head_dim {head_dim}: no layout")
     slice_bytes = block_bytes // num_kv_heads
     t = (slice_bytes - 4 * head_dim) // (2 * code_bytes(fmt, head_dim) + 4)
+    if fmt == FMT_INT4:
+        t -= t % INT4_TOKEN_MULTIPLE
     if not 0 < t <= MAX_NTOK:
         raise ValueError(f"format {fmt} holds {t} tokens per page; the metadata allows 1..{MAX_NTOK}")
     return t
@@ -110,6 +118,10 @@ def _pack_nibbles(codes: Tensor) -> Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
+def _unpack_nibbles(packed: Tensor) -> Tensor:
+    return torch.stack((packed & 15, packed >> 4), -1).flatten(-2)
+
+
 def pack_pages(k: Tensor, v: Tensor, fmt: int, block_bytes: int) -> Tensor:
     """K and V [N, n, Hkv, D] (N pages of n valid tokens each) -> uint8 [N, block_bytes] page rows.
 
@@ -137,11 +149,15 @@ def pack_pages(k: Tensor, v: Tensor, fmt: int, block_bytes: int) -> Tensor:
     k_codes = _quantize(kf, k_scale[:, :, None], k_zero[:, :, None], qmax)
     v_codes = _quantize(vf, v_scale[..., None], v_zero[..., None], qmax)
     if fmt == FMT_INT4:
-        k_codes, v_codes = _pack_nibbles(k_codes), _pack_nibbles(v_codes)
+        k_codes = _pack_nibbles(k_codes)
+        # [N, Hkv, t, D] (zero past n) -> [N, Hkv, t / 8, D, 8 tokens] -> 4 bytes each.
+        v_codes = torch.nn.functional.pad(v_codes, (0, 0, 0, t - n))
+        v_codes = _pack_nibbles(v_codes.view(num_pages, num_kv_heads, t // 8, 8, head_dim).transpose(3, 4))
 
     out = torch.zeros(num_pages, num_kv_heads, slice_bytes, dtype=torch.uint8, device=k.device)
     out[:, :, : n * cb] = k_codes.reshape(num_pages, num_kv_heads, n * cb)
-    out[:, :, t * cb : (t + n) * cb] = v_codes.reshape(num_pages, num_kv_heads, n * cb)
+    v_bytes = v_codes.reshape(num_pages, num_kv_heads, -1)
+    out[:, :, t * cb : t * cb + v_bytes.shape[-1]] = v_bytes
     halves = torch.zeros(num_pages, num_kv_heads, 2 * head_dim + 2 * t, dtype=torch.float16, device=k.device)
     order = k_channel_order(fmt, head_dim).to(k.device)
     halves[..., :head_dim] = k_scale[..., order]
@@ -167,10 +183,13 @@ def unpack_pages(
         raise ValueError(f"ntok {ntok} > {t} tokens of a format-{fmt} page")
     rows = data.view(num_pages, num_kv_heads, slice_bytes)
     k_codes = rows[..., : ntok * cb].view(num_pages, num_kv_heads, ntok, cb)
-    v_codes = rows[..., t * cb : (t + ntok) * cb].view(num_pages, num_kv_heads, ntok, cb)
-    if fmt == FMT_INT4:  # even channel in the low nibble
-        k_codes = torch.stack((k_codes & 15, k_codes >> 4), -1).flatten(-2)
-        v_codes = torch.stack((v_codes & 15, v_codes >> 4), -1).flatten(-2)
+    if fmt == FMT_INT4:  # K: even channel in the low nibble; V: [t / 8, D] words of 8 tokens
+        k_codes = _unpack_nibbles(k_codes)
+        v_codes = rows[..., t * cb : 2 * t * cb].view(num_pages, num_kv_heads, t // 8, head_dim, 4)
+        v_codes = _unpack_nibbles(v_codes).transpose(3, 4).reshape(num_pages, num_kv_heads, t, head_dim)
+        v_codes = v_codes[:, :, :ntok]
+    else:
+        v_codes = rows[..., t * cb : (t + ntok) * cb].view(num_pages, num_kv_heads, ntok, cb)
     # A copy: float16 views need an aligned, contiguous byte range.
     halves = rows[..., 2 * t * cb : 2 * t * cb + 4 * (head_dim + t)].contiguous().view(torch.float16).float()
     stored = torch.argsort(k_channel_order(fmt, head_dim)).to(data.device)  # each channel's position

@@ -173,16 +173,17 @@ if triton is not None:
         return tl.join(tl.join(o0, o2), tl.join(o1, o3))
 
     @triton.jit
-    def _k_channels(INT4: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """The channel behind each K position of _k_codes (a permutation of 0..HEAD_DIM-1). int8: the
-        identity. int4: in each run of 8 * RUN channels (RUN code words: 4, or 2 when HEAD_DIM is 16),
-        position 4 RUN h + 4c + 2a + b holds channel 8c + 4b + 2h + a, so that each word's 8 channels land
-        in the 4 + 4 positions one thread holds in two consecutive k16 steps of an mma operand of kWidth 4
-        (Triton then streams the words through shared memory and unpacks them in the dot's own
-        registers)."""
-        p = tl.arange(0, HEAD_DIM)
+    def _code_order(INT4: tl.constexpr, N: tl.constexpr):
+        """The element behind each of the N positions along a dot's reduction that _k_codes unpacks code
+        words into (a permutation of 0..N-1): K's channels in the score dot; int4 V's tile rows in the
+        value dot. int8: the identity. int4: in each run of 8 * RUN elements (RUN code words: 4, or 2 when
+        N is 16), position 4 RUN h + 4c + 2a + b holds element 8c + 4b + 2h + a, so that each word's 8
+        elements land in the 4 + 4 positions one thread holds in two consecutive k16 steps of an mma
+        operand of kWidth 4 (Triton then streams the words through shared memory and unpacks them in
+        the dot's own registers)."""
+        p = tl.arange(0, N)
         if INT4:
-            RUN: tl.constexpr = 4 if HEAD_DIM >= 32 else HEAD_DIM // 8
+            RUN: tl.constexpr = 4 if N >= 32 else N // 8
             return (p // (8 * RUN) * (8 * RUN) + (p // 4) % RUN * 8 + p % 2 * 4 + (p // (4 * RUN)) % 2 * 2
                     + (p // 2) % 2)
         return p
@@ -230,11 +231,12 @@ if triton is not None:
     @triton.jit
     def _k_codes(w, INT4: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr,
                  ASM: tl.constexpr):
-        """K code words [R, W] -> [R, HEAD_DIM] floats x in _k_channels order with no conversion
-        instruction (a quarter rate on NVIDIA GPUs): the code goes into the low mantissa bits of 1024
-        (float16 0x6400) or of 2^23 (float32, which is then subtracted). int8: x = 1024 + c. int4: see
-        _int4_codes. Every op on the way is elementwise or moves values within a thread, so Triton
-        streams the words (not the floats) through shared memory into the dot's operand layout."""
+        """Code words [R, W] packed along a dot's reduction (K: a token's channels; int4 V: a channel's
+        tokens) -> [R, HEAD_DIM] floats x in _code_order with no conversion instruction (a quarter rate
+        on NVIDIA GPUs): the code goes into the low mantissa bits of 1024 (float16 0x6400) or of 2^23
+        (float32, which is then subtracted). int8: x = 1024 + c. int4: see _int4_codes. Every op on the
+        way is elementwise or moves values within a thread, so Triton streams the words (not the floats)
+        through shared memory into the dot's operand layout."""
         if INT4:
             RUN: tl.constexpr = 4 if HEAD_DIM >= 32 else HEAD_DIM // 8
             w4 = tl.reshape(w, [R, HEAD_DIM // (8 * RUN), RUN])
@@ -267,18 +269,11 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _v_codes(w, INT4: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr,
-                 ASM: tl.constexpr):
-        """V code words [R, W] -> [R, HEAD_DIM] floats 1024 + c (float32: c). int8: channel order. int4
-        (_int4_codes, odd channels 1024 + 16 c): in each run of 8 channels, position 2k + h holds channel
-        k + 4h (_reorder8). V's dot reduces over tokens while the codes are packed along channels: these
-        floats go through shared memory to the dot (ldmatrix.trans)."""
-        if INT4:
-            o0, o1, o2, o3, o4, o5, o6, o7 = _int4_codes(w, F16, ASM)
-            x = tl.join(_join4(o0, o2, o4, o6), _join4(o1, o3, o5, o7))  # o_j at j
-        else:
-            x = _int8_codes(w, F16, ASM)
-        x = tl.reshape(x, [R, HEAD_DIM])
+    def _int8_v_codes(w, R: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+        """int8 V code words [R, W] (a token's channels) -> [R, HEAD_DIM] floats 1024 + c (float32: c). V's
+        dot reduces over tokens while these codes are packed along channels: the floats go through
+        shared memory to the dot (ldmatrix.trans)."""
+        x = tl.reshape(_int8_codes(w, F16, ASM), [R, HEAD_DIM])
         if F16 and ASM:
             # An opaque copy: Triton sizes the dot's operand layout (kWidth) from the narrowest load
             # before it and halves it per join on the way; through this it sees 16-bit values and keeps
@@ -286,6 +281,14 @@ if triton is not None:
             x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=False,
                                           pack=2)
         return x
+
+    @triton.jit
+    def _tile_rows(INT4: tl.constexpr, TP: tl.constexpr, NS: tl.constexpr):
+        """Page slot and token of each row of a tile (NS pages of TP token slots laid end to end): row r
+        holds slot-token _code_order(INT4, NS * TP)[r]. int4: the order int4 V's words unpack into for
+        the value dot, so the scores' rows are its operand's as they come."""
+        u = _code_order(INT4, NS * TP)
+        return u // TP, u % TP
 
     @triton.jit
     def _page(bt_row, meta_ptr, start, j, count, FMT: tl.constexpr, T: tl.constexpr):
@@ -303,13 +306,12 @@ if triton is not None:
         return tl.where(slot == 0, a0, a1)
 
     @triton.jit
-    def _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr,
-                      NS: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
-        """The K codes of a tile of pages (blk0, n0) and (blk1, n1) in slots 0 and 1: row j*TP+t is token
-        t of page j; code words [NS*TP, CB/4], zero past the visible tokens."""
-        rows = tl.arange(0, NS * TP)
-        slot = rows // TP
-        t = rows % TP
+    def _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, INT4: tl.constexpr, T: tl.constexpr,
+                      TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                      SLICE: tl.constexpr):
+        """The K codes of a tile of pages (blk0, n0) and (blk1, n1) in slots 0 and 1, rows as _tile_rows:
+        code words [NS*TP, CB/4], zero past the visible tokens."""
+        slot, t = _tile_rows(INT4, TP, NS)
         base = _pick(slot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4) + t * (CB // 4)
         # The cache is streamed once per call: don't let it push q, tables and metadata out of L2.
         return tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :],
@@ -346,19 +348,28 @@ if triton is not None:
         return tl.load(h, mask=here, other=0.0), tl.load(h + HEAD_DIM, mask=here, other=0.0)
 
     @triton.jit
-    def _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T: tl.constexpr, TP: tl.constexpr,
-                 CB: tl.constexpr, NS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
-                 SLICE: tl.constexpr):
-        """The V of a tile (as _k_code_loads): code words [NS*TP, CB/4] and the rows' V scale and zero
-        [NS*TP] (zero past the visible tokens)."""
-        rows = tl.arange(0, NS * TP)
-        slot = rows // TP
-        t = rows % TP
+    def _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4: tl.constexpr, T: tl.constexpr,
+                 TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
+        """The V of a tile (as _k_code_loads): the rows' V scale and zero [NS*TP] (zero past the visible
+        tokens) and code words, int8 [NS*TP, CB/4] (rows as _tile_rows), int4 [HEAD_DIM, NS*TP/8] (word j
+        of a channel: tokens 8(j % (TP/8)).. of slot j // (TP/8); zero past the visible tokens)."""
+        slot, t = _tile_rows(INT4, TP, NS)
         blk = _pick(slot, blk0, blk1).to(tl.int64)
         here = t < _pick(slot, n0, n1)
-        base = blk * (BLOCK_BYTES // 4) + kvh * (SLICE // 4) + (T + t) * (CB // 4)
-        vc = tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :], mask=here[:, None], other=0,
-                     eviction_policy="evict_first")
+        if INT4:
+            WP: tl.constexpr = TP // 8
+            j = tl.arange(0, NS * WP)
+            wslot = j // WP
+            w = j % WP
+            base = (_pick(wslot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4)
+                    + T * CB // 4 + w * HEAD_DIM)
+            vc = tl.load(words_ptr + base[None, :] + tl.arange(0, HEAD_DIM)[:, None],
+                         mask=(8 * w < _pick(wslot, n0, n1))[None, :], other=0, eviction_policy="evict_first")
+        else:
+            base = blk * (BLOCK_BYTES // 4) + kvh * (SLICE // 4) + (T + t) * (CB // 4)
+            vc = tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :], mask=here[:, None],
+                         other=0, eviction_policy="evict_first")
         h = half_ptr + blk * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB + 2 * HEAD_DIM + t
         vs = tl.load(h, mask=here, other=0.0)
         vz = tl.load(h + T, mask=here, other=0.0)
@@ -385,14 +396,13 @@ if triton is not None:
         dt = tl.float16 if F16 else tl.float32
         off = 1024.0 if F16 else 0.0
         # int4's odd channels come as 16 c.
-        cs = tl.where((_k_channels(INT4, HEAD_DIM) % 2 == 1) & INT4, 0.0625, 1.0)
+        cs = tl.where((_code_order(INT4, HEAD_DIM) % 2 == 1) & INT4, 0.0625, 1.0)
         qk = (qs * ks.to(tl.float32) * cs[None, :]).to(dt)
         bias = tl.sum(qs * kz.to(tl.float32) - off * qk.to(tl.float32), 1)
         x = _k_codes(kc, INT4, R, HEAD_DIM, F16, ASM)
         s = tl.dot(x, tl.trans(qk), input_precision="ieee") + bias[None, :]  # [R, NC]; ieee: no tf32
-        rows = tl.arange(0, R)
-        n = _pick(rows // TP, n0, n1)
-        valid = (rows[:, None] // TP == tl.arange(0, NC)[None, :] // G2) & (rows % TP < n)[:, None]
+        slot, t = _tile_rows(INT4, TP, NS)
+        valid = (slot[:, None] == tl.arange(0, NC)[None, :] // G2) & (t < _pick(slot, n0, n1))[:, None]
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -401,35 +411,36 @@ if triton is not None:
     @triton.jit
     def _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4: tl.constexpr, TP: tl.constexpr,
                      NS: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
-        """The tile's probabilities p [NS*TP, NC] times its V into acc [D, NC] (rows in _v_codes' order).
+        """The tile's probabilities p [NS*TP, NC] times its V into acc [D, NC].
         V's per-token scale and zero go into p: sum_t p_t (c_t*vs_t + vz_t) = sum_t (p_t*vs_t) c_t +
         sum_t p_t*vz_t, the codes into the dot as 1024 + c (scaled by 64 while in float16, out of its
-        subnormal range). The column sums that finish the job (of p for l, of the rounded p*vs that
-        takes the 1024 off, of p*vz) stay per row in rl, rpv, rz, rescaled with acc, for _finish_values
-        after the loop: one reduction across warps a partition instead of one a tile."""
+        subnormal range; int4's odd tokens come as 16 c, so their rows carry a 1/16 too). The column sums
+        that finish the job (of p for l, of the rounded p*vs that takes the 1024 off, of p*vz) stay per
+        row in rl, rpv, rz, rescaled with acc, for _finish_values after the loop: one reduction across
+        warps a partition instead of one a tile."""
         dt = tl.float16 if F16 else tl.float32
         vs_scale = 64.0 if F16 else 1.0
-        pv = (p * (vs.to(tl.float32) * vs_scale)[:, None]).to(dt)
+        _, t = _tile_rows(INT4, TP, NS)
+        row_scale = vs.to(tl.float32) * vs_scale * tl.where((t % 2 == 1) & INT4, 0.0625, 1.0)
+        pv = (p * row_scale[:, None]).to(dt)
         rl = rl * alpha[None, :] + p
         rpv = rpv * alpha[None, :] + pv.to(tl.float32)
         rz = rz * alpha[None, :] + p * vz.to(tl.float32)[:, None]
-        o = tl.dot(tl.trans(_v_codes(vc, INT4, NS * TP, HEAD_DIM, F16, ASM)), pv, input_precision="ieee")
-        acc = acc * alpha[None, :] + o * (_v_code_scales(INT4, HEAD_DIM) / vs_scale)[:, None]
+        if INT4:  # words of a channel's tokens, unpacked in the dot's registers as K's are
+            x = _k_codes(vc, INT4, HEAD_DIM, NS * TP, F16, ASM)
+        else:
+            x = tl.trans(_int8_v_codes(vc, NS * TP, HEAD_DIM, F16, ASM))
+        o = tl.dot(x, pv, input_precision="ieee")
+        acc = acc * alpha[None, :] + o * (1.0 / vs_scale)
         return rl, rpv, rz, acc
 
     @triton.jit
-    def _v_code_scales(INT4: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """Per row of acc: 1, or 1/16 for int4's odd channels (they come as 16 c)."""
-        return tl.where((tl.arange(0, HEAD_DIM) // 2 % 2 == 1) & INT4, 0.0625, 1.0)
-
-    @triton.jit
-    def _finish_values(rl, rpv, rz, acc, INT4: tl.constexpr, HEAD_DIM: tl.constexpr, F16: tl.constexpr):
+    def _finish_values(rl, rpv, rz, acc, F16: tl.constexpr):
         """(l, acc) from _tile_values' running rows: the column sums, the codes' 1024 off, V's zeros on."""
         off = 1024.0 if F16 else 0.0
         vs_scale = 64.0 if F16 else 1.0
         sp, spv, zv = tl.reduce((rl, rpv, rz), 0, _add3)
-        cs = _v_code_scales(INT4, HEAD_DIM)
-        return sp, acc - (off / vs_scale) * spv[None, :] * cs[:, None] + zv[None, :]
+        return sp, acc - (off / vs_scale) * spv[None, :] + zv[None, :]
 
     @triton.jit
     def _quant_pages(
@@ -445,7 +456,7 @@ if triton is not None:
         the tile's start. PREFETCH 2: V's codes and scales one tile ahead too."""
         INT4: tl.constexpr = FMT == 2
         # q * scale * log2(e) per column, channels in _k_codes' order.
-        qs = tl.load(q_ptr + q_cols[:, None] + _k_channels(INT4, HEAD_DIM)[None, :], mask=q_mask[:, None],
+        qs = tl.load(q_ptr + q_cols[:, None] + _code_order(INT4, HEAD_DIM)[None, :], mask=q_mask[:, None],
                      other=0.0).to(tl.float32) * scale_log2
         # K's scales of the next tile ahead with the lookups where registers allow: int4 tiles hold twice
         # the tokens (H100, 8B shape: int8 8k 67.2 -> 64.4 us; int4 8k 44.3 -> 44.1 us but 32k 162.1 ->
@@ -461,17 +472,17 @@ if triton is not None:
             ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                     BLOCK_BYTES, SLICE)
         if PREFETCH == 2:
-            vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, HEAD_DIM,
+            vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, HEAD_DIM,
                                   BLOCK_BYTES, SLICE)
         for i in tl.range(0, count, NS, num_stages=STAGES):
             # This tile's K codes at its start (held in registers across iterations, they would miss
             # the path through shared memory that unpacks them in the dot's registers).
-            kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS, BLOCK_BYTES, SLICE)
+            kc = _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, BLOCK_BYTES, SLICE)
             if not KSA:
                 ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                         BLOCK_BYTES, SLICE)
             if PREFETCH == 1:
-                vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, T, TP, CB, NS,
+                vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS,
                                       HEAD_DIM, BLOCK_BYTES, SLICE)
             nblk0, nn0 = _page(bt_row, meta_ptr, start, i + NS, count, FMT, T)
             nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count if NS > 1 else 0, FMT, T)
@@ -481,21 +492,15 @@ if triton is not None:
                 ks, kz = _k_scale_loads(half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, CB, NS, NC, G2,
                                         HEAD_DIM, BLOCK_BYTES, SLICE)
             if PREFETCH == 2:
-                vc1, vs1, vz1 = _v_loads(words_ptr, half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, TP, CB, NS,
-                                         HEAD_DIM, BLOCK_BYTES, SLICE)
+                vc1, vs1, vz1 = _v_loads(words_ptr, half_ptr, nblk0, nn0, nblk1, nn1, kvh, INT4, T, TP, CB,
+                                         NS, HEAD_DIM, BLOCK_BYTES, SLICE)
             rl, rpv, rz, acc = _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4, TP, NS,
                                             HEAD_DIM, F16, ASM)
             if PREFETCH == 2:
                 vc, vs, vz = vc1, vs1, vz1
             blk0, n0, blk1, n1 = nblk0, nn0, nblk1, nn1
-        l, acc = _finish_values(rl, rpv, rz, acc, INT4, HEAD_DIM, F16)
+        l, acc = _finish_values(rl, rpv, rz, acc, F16)
         return m, l, acc
-
-    @triton.jit
-    def _reorder8(acc, HEAD_DIM: tl.constexpr, NC: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
-        """acc's rows within each run of 8: [A, B] -> [B, A] (2, 4: channel order -> int4 V's order, where
-        row 2k + h holds channel k + 4h; 4, 2: back)."""
-        return tl.reshape(tl.permute(tl.reshape(acc, [HEAD_DIM // 8, A, B, NC]), 0, 2, 1, 3), [HEAD_DIM, NC])
 
     @triton.jit
     def _streams_partition(
@@ -531,11 +536,9 @@ if triton is not None:
                                      start, nq, kvh, m, l, acc, 1, T8, TP8, HEAD_DIM, NS, NC, G2, HEAD_DIM,
                                      BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM)
         if tl.max(tl.where(here & (fmts == 2), 1, 0), 0) > 0:
-            acc = _reorder8(acc, HEAD_DIM, NC, 2, 4)  # int4 V's channel order
             m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
                                      start, nq, kvh, m, l, acc, 2, T4, TP4, HEAD_DIM // 2, NS, NC, G2,
                                      HEAD_DIM, BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM)
-            acc = _reorder8(acc, HEAD_DIM, NC, 4, 2)
 
         # The 16-bit tail's tokens that fall in this partition's pages, token j of a tile in slot j*NS/TILE.
         rows = tl.arange(0, TILE)

@@ -30,7 +30,7 @@ def random_kv(num_pages, n, num_kv_heads, head_dim, dtype, seed):
 
 def test_tokens_per_page_examples():
     # bf16, block_size 16, 8 kv heads: the figures the engine's capacity planning relies on.
-    for head_dim, t8, t4 in [(64, 29, 56), (128, 29, 58)]:
+    for head_dim, t8, t4 in [(64, 29, 56), (128, 29, 56)]:  # int4 rounds 58 down to whole V words
         bb = block_bytes(16, 8, head_dim, torch.bfloat16)
         assert tokens_per_page(FMT_INT8, bb, 8, head_dim, 16) == t8
         assert tokens_per_page(FMT_INT4, bb, 8, head_dim, 16) == t4
@@ -74,9 +74,12 @@ def decode_by_hand(slice_bytes, fmt, t, head_dim, tok, d):
     def f16(off):
         return float(slice_bytes[off : off + 2].view(torch.float16))
 
-    def code(base):
+    def code(base, channel_major=False):
         if fmt == FMT_INT8:
             return int(slice_bytes[base + tok * cb + d])
+        if channel_major:  # int4 V: a 4-byte word per 8 tokens and channel, [t / 8, D] of them
+            byte = int(slice_bytes[base + 4 * (tok // 8 * head_dim + d) + tok % 8 // 2])
+            return byte & 15 if tok % 2 == 0 else byte >> 4
         byte = int(slice_bytes[base + tok * cb + d // 2])
         return byte & 15 if d % 2 == 0 else byte >> 4
 
@@ -87,7 +90,7 @@ def decode_by_hand(slice_bytes, fmt, t, head_dim, tok, d):
         pos = base + 16 * h + 4 * c + 2 * a + b
     k_scale, k_zero = f16(halves + 2 * pos), f16(halves + 2 * head_dim + 2 * pos)
     v_scale, v_zero = f16(halves + 4 * head_dim + 2 * tok), f16(halves + 4 * head_dim + 2 * t + 2 * tok)
-    return code(0) * k_scale + k_zero, code(t * cb) * v_scale + v_zero
+    return code(0) * k_scale + k_zero, code(t * cb, channel_major=True) * v_scale + v_zero
 
 
 def test_layout_matches_contract():
@@ -96,20 +99,29 @@ def test_layout_matches_contract():
     s = bb // num_kv_heads
     for fmt, cb in [(FMT_INT8, head_dim), (FMT_INT4, head_dim // 2)]:
         t = tokens_per_page(fmt, bb, num_kv_heads, head_dim, block_size)
-        assert t == (s - 4 * head_dim) // (2 * cb + 4)
-        n = t - 2
+        fits = (s - 4 * head_dim) // (2 * cb + 4)
+        assert t == (fits if fmt == FMT_INT8 else fits - fits % 8)
+        n = t - 3
         k, v = random_kv(3, n, num_kv_heads, head_dim, dtype, seed=7)
         data = pack_pages(k, v, fmt, bb)
         k2, v2 = unpack_pages(data, fmt, n, num_kv_heads, head_dim, dtype)
         page, h = 2, 3
         sl = data[page, h * s : (h + 1) * s]
-        for tok in (0, n - 1):
+        for tok in (0, 1, n - 1):
             for d in (0, 5, head_dim - 1):
                 k_hand, v_hand = decode_by_hand(sl, fmt, t, head_dim, tok, d)
                 assert k2[page, tok, h, d] == pytest.approx(k_hand, rel=1e-6, abs=1e-6)
                 assert v2[page, tok, h, d] == pytest.approx(v_hand, rel=1e-6, abs=1e-6)
         # Unused token slots (codes, V scale and zero) and the bytes after the layout are zero.
-        assert (sl[n * cb : t * cb] == 0).all() and (sl[(t + n) * cb : 2 * t * cb] == 0).all()
+        assert (sl[n * cb : t * cb] == 0).all()
+        v_codes = sl[t * cb : 2 * t * cb]
+        if fmt == FMT_INT4:  # [t / 8, D, 4]: n = 8w + 5 leaves token 8w + 5's high nibble, then bytes 3..
+            assert n % 8 == 5
+            v_codes = v_codes.view(t // 8, head_dim, 4)
+            assert (v_codes[n // 8, :, 2] >> 4 == 0).all() and (v_codes[n // 8, :, 3] == 0).all()
+            assert (v_codes[n // 8 + 1 :] == 0).all()
+        else:
+            assert (v_codes[n * cb :] == 0).all()
         vs_end = 2 * t * cb + 4 * head_dim
         assert (sl[vs_end + 2 * n : vs_end + 2 * t] == 0).all() and (sl[vs_end + 2 * t + 2 * n :] == 0).all()
 
