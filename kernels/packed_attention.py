@@ -391,7 +391,9 @@ if triton is not None:
         No dequantization per element: K's per-channel scale goes into q, once per page and column
         (q_s . (c*ks + kz) = (q_s*ks) . c + q_s . kz), the codes go to the dot as x = 1024 + c (float16,
         exact; float32 models: x = c) and the 1024 comes off with the zero term, from the same rounded
-        q'. Scores are transposed (tokens as M, the few query heads as N = NC): no padding to 16 rows."""
+        q'. That per-column term (a reduction across warps) only shifts the tile's max and the exponent,
+        so the dot does not wait for it. Scores are transposed (tokens as M, the few query heads as N =
+        NC): no padding to 16 rows."""
         R: tl.constexpr = NS * TP
         dt = tl.float16 if F16 else tl.float32
         off = 1024.0 if F16 else 0.0
@@ -400,13 +402,13 @@ if triton is not None:
         qk = (qs * ks.to(tl.float32) * cs[None, :]).to(dt)
         bias = tl.sum(qs * kz.to(tl.float32) - off * qk.to(tl.float32), 1)
         x = _k_codes(kc, INT4, R, HEAD_DIM, F16, ASM)
-        s = tl.dot(x, tl.trans(qk), input_precision="ieee") + bias[None, :]  # [R, NC]; ieee: no tf32
+        s = tl.dot(x, tl.trans(qk), input_precision="ieee")  # [R, NC] less bias; ieee: no tf32
         slot, t = _tile_rows(INT4, TP, NS)
         valid = (slot[:, None] == tl.arange(0, NC)[None, :] // G2) & (t < _pick(slot, n0, n1))[:, None]
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 0))
+        m_new = tl.maximum(m, tl.max(s, 0) + bias)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        return tl.exp2(s - m_safe[None, :]), tl.exp2(m - m_safe), m_new
+        return tl.exp2(s - (m_safe - bias)[None, :]), tl.exp2(m - m_safe), m_new
 
     @triton.jit
     def _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4: tl.constexpr, TP: tl.constexpr,
