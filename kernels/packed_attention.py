@@ -15,10 +15,10 @@ tables with 256-token partitions). A partition with quantized pages streams them
 pages of one format (each format's pages in a loop of their own, the others masked out), then its 16-bit
 tail. The tiles cost no arithmetic per dequantized element: K's per-channel scale and zero fold into q
 (per page), V's per-token ones into the probabilities, and the codes go to the tensor cores as float16
-1024 + code, built by bit operations (K's in the dot's own registers). Scores are transposed (tokens x
-query heads), so the query heads of a GQA group are the dots' N rather than rows padded to 16; a tile's
-two pages are two "streams" of each head (columns of their own, as flash-decoding partitions), joined
-at the end of the partition. bench/RESULTS.md has the H100 numbers.
+1024 + code, built by bit operations (K's and int4 V's in the dots' own registers). Scores are
+transposed (tokens x query heads), so the query heads of a GQA group are the dots' N rather than rows
+padded to 16; a tile's two pages are two "streams" of each head (columns of their own, as
+flash-decoding partitions), joined at the end of the partition. bench/RESULTS.md has the H100 numbers.
 """
 
 import functools
