@@ -37,7 +37,7 @@ FMT_INT8 = 1
 FMT_INT4 = 2
 QMAX = {FMT_INT8: 255, FMT_INT4: 15}
 MAX_NTOK = 255  # ntok lives in the low 8 bits of the page metadata
-INT4_TOKEN_MULTIPLE = 8  # a channel's int4 V codes fill whole 32-bit words
+INT4_V_WORD_TOKENS = 8  # int4 V: one channel's codes of 8 tokens to a 32-bit word
 
 _F16_MAX = 65504.0
 _F16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
@@ -59,7 +59,7 @@ def tokens_per_page(fmt: int, block_bytes: int, num_kv_heads: int, head_dim: int
     slice_bytes = block_bytes // num_kv_heads
     t = (slice_bytes - 4 * head_dim) // (2 * code_bytes(fmt, head_dim) + 4)
     if fmt == FMT_INT4:
-        t -= t % INT4_TOKEN_MULTIPLE
+        t -= t % INT4_V_WORD_TOKENS  # whole words
     if not 0 < t <= MAX_NTOK:
         raise ValueError(f"format {fmt} holds {t} tokens per page; the metadata allows 1..{MAX_NTOK}")
     return t
@@ -68,7 +68,7 @@ def tokens_per_page(fmt: int, block_bytes: int, num_kv_heads: int, head_dim: int
 def k_channel_order(fmt: int, head_dim: int) -> Tensor:
     """The channel held at each position of a page's K scale and zero. int4 with a power-of-2 head_dim
     >= 16: in each run of 8 * RUN channels (RUN = 4, or 2 when head_dim is 16), position 4 RUN h + 4c +
-    2a + b holds channel 8c + 4b + 2h + a (kernels/packed_attention.py's _k_channels); otherwise the
+    2a + b holds channel 8c + 4b + 2h + a (kernels/packed_attention.py's _code_order); otherwise the
     identity."""
     p = torch.arange(head_dim)
     if fmt != FMT_INT4 or head_dim < 16 or head_dim & (head_dim - 1):
@@ -152,7 +152,8 @@ def pack_pages(k: Tensor, v: Tensor, fmt: int, block_bytes: int) -> Tensor:
         k_codes = _pack_nibbles(k_codes)
         # [N, Hkv, t, D] (zero past n) -> [N, Hkv, t / 8, D, 8 tokens] -> 4 bytes each.
         v_codes = torch.nn.functional.pad(v_codes, (0, 0, 0, t - n))
-        v_codes = _pack_nibbles(v_codes.view(num_pages, num_kv_heads, t // 8, 8, head_dim).transpose(3, 4))
+        words = v_codes.view(num_pages, num_kv_heads, t // INT4_V_WORD_TOKENS, INT4_V_WORD_TOKENS, head_dim)
+        v_codes = _pack_nibbles(words.transpose(3, 4))
 
     out = torch.zeros(num_pages, num_kv_heads, slice_bytes, dtype=torch.uint8, device=k.device)
     out[:, :, : n * cb] = k_codes.reshape(num_pages, num_kv_heads, n * cb)
@@ -185,7 +186,8 @@ def unpack_pages(
     k_codes = rows[..., : ntok * cb].view(num_pages, num_kv_heads, ntok, cb)
     if fmt == FMT_INT4:  # K: even channel in the low nibble; V: [t / 8, D] words of 8 tokens
         k_codes = _unpack_nibbles(k_codes)
-        v_codes = rows[..., t * cb : 2 * t * cb].view(num_pages, num_kv_heads, t // 8, head_dim, 4)
+        words = t // INT4_V_WORD_TOKENS
+        v_codes = rows[..., t * cb : 2 * t * cb].view(num_pages, num_kv_heads, words, head_dim, 4)
         v_codes = _unpack_nibbles(v_codes).transpose(3, 4).reshape(num_pages, num_kv_heads, t, head_dim)
         v_codes = v_codes[:, :, :ntok]
     else:
