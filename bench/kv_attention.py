@@ -119,8 +119,9 @@ class Case:
 def describe(cfg: PackedConfig) -> str:
     cap = f" r{cfg.maxnreg}" if cfg.maxnreg else ""
     asm = "" if cfg.asm else " noasm"
+    l2 = "" if cfg.l2_prefetch else " nol2"
     return (f"ppp {cfg.pages_per_part} rows {cfg.tile_rows} w{cfg.num_warps} s{cfg.num_stages}/"
-            f"{cfg.quant_stages} pf{cfg.prefetch}{cap}{asm}")
+            f"{cfg.quant_stages} pf{cfg.prefetch}{cap}{asm}{l2}")
 
 
 # The sweep's kernel variants for quantized pages: (tile_rows, prefetch, quant_stages, maxnreg, num_warps).
@@ -167,6 +168,7 @@ def sweep(case: "Case", secs: float, cfg: PackedConfig, bandwidth: float, deadli
                         num_warps=warps))
         top = best[1]
         run(replace(top, asm=False))
+        run(replace(top, l2_prefetch=False))
     tuned.setdefault(case.fmt, best[1])
     return best
 

@@ -62,6 +62,7 @@ class PackedConfig:
     # groups of more than 4 heads (see packed_paged_attention_triton).
     tile_rows: int = 128
     asm: bool = True  # PTX for the code -> float16 step on NVIDIA GPUs (plain Triton elsewhere)
+    l2_prefetch: bool = True  # the next tile's pages into L2 during this one (sm_90+; see _prefetch_l2)
     maxnreg: int | None = 128  # a register cap per thread (NVIDIA): 4 programs of 4 warps per SM
 
 
@@ -318,6 +319,30 @@ if triton is not None:
                        mask=(t < _pick(slot, n0, n1))[:, None], other=0, eviction_policy="evict_first")
 
     @triton.jit
+    def _prefetch_l2(words_ptr, blk0, here0, blk1, here1, kvh, BLOCK_BYTES: tl.constexpr,
+                     SLICE: tl.constexpr):
+        """Starts copying the kv head's slice of pages blk0 (if here0) and blk1 (if here1) from DRAM into L2:
+        two bulk prefetches from thread 0 (sm_90+). Called with the next tile's pages: Triton stages a
+        tile's code words through shared memory right where they load, so each load's latency is waited
+        for in turn, and from L2 it is a fraction of DRAM's (bench/RESULTS.md, session 10)."""
+        p0 = words_ptr + blk0.to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4)
+        p1 = words_ptr + blk1.to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4)
+        tl.inline_asm_elementwise(
+            asm="""{
+            .reg .pred p, first;
+            .reg .b32 t;
+            mov.u32 t, %tid.x;
+            setp.eq.u32 first, t, 0;
+            setp.ne.and.u32 p, $3, 0, first;
+            @p cp.async.bulk.prefetch.L2.global [$1], $3;
+            setp.ne.and.u32 p, $4, 0, first;
+            @p cp.async.bulk.prefetch.L2.global [$2], $4;
+            mov.u32 $0, 0;
+            }""",
+            constraints="=r,l,l,r,r", args=[p0, p1, tl.where(here0, SLICE, 0), tl.where(here1, SLICE, 0)],
+            dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr,
                        NC: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
                        SLICE: tl.constexpr):
@@ -450,7 +475,7 @@ if triton is not None:
         acc, FMT: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr,
         NC: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
         SLICE: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
-        ASM: tl.constexpr,
+        ASM: tl.constexpr, L2: tl.constexpr,
     ):
         """The partition's quantized pages of format FMT (others count as empty), NS per tile.
         STAGES: Triton's software pipelining of the loop (1: none). The page lookups (table, then
@@ -488,6 +513,9 @@ if triton is not None:
                                       HEAD_DIM, BLOCK_BYTES, SLICE)
             nblk0, nn0 = _page(bt_row, meta_ptr, start, i + NS, count, FMT, T)
             nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count if NS > 1 else 0, FMT, T)
+            if L2:  # from the block ids alone (waiting for the metadata too was slower)
+                _prefetch_l2(words_ptr, nblk0, i + NS < count, nblk1, (NS > 1) & (i + NS + 1 < count), kvh,
+                             BLOCK_BYTES, SLICE)
             p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
                                        ASM)
             if KSA:
@@ -513,7 +541,7 @@ if triton is not None:
         T8: tl.constexpr, TP8: tl.constexpr, T4: tl.constexpr, TP4: tl.constexpr, NS: tl.constexpr,
         NC: tl.constexpr, PPP: tl.constexpr, PPP2: tl.constexpr, TILE: tl.constexpr, SINGLE: tl.constexpr,
         UPCAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
-        ASM: tl.constexpr,
+        ASM: tl.constexpr, L2: tl.constexpr,
     ):
         """A partition with quantized pages: NS streams (page slots) per query head, as the columns of
         transposed scores [tokens, NC], combined per head at the end. Quantized pages in tiles of NS (one
@@ -536,11 +564,11 @@ if triton is not None:
         if tl.max(tl.where(here & (fmts == 1), 1, 0), 0) > 0:
             m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
                                      start, nq, kvh, m, l, acc, 1, T8, TP8, HEAD_DIM, NS, NC, G2, HEAD_DIM,
-                                     BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM)
+                                     BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM, L2)
         if tl.max(tl.where(here & (fmts == 2), 1, 0), 0) > 0:
             m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
                                      start, nq, kvh, m, l, acc, 2, T4, TP4, HEAD_DIM // 2, NS, NC, G2,
-                                     HEAD_DIM, BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM)
+                                     HEAD_DIM, BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM, L2)
 
         # The 16-bit tail's tokens that fall in this partition's pages, token j of a tile in slot j*NS/TILE.
         rows = tl.arange(0, TILE)
@@ -639,7 +667,7 @@ if triton is not None:
         TP4: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, PPP: tl.constexpr, PPP2: tl.constexpr,
         TILE: tl.constexpr,
         SINGLE: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-        F16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,
+        F16: tl.constexpr, ASM: tl.constexpr, L2: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """Row r, kv head kvh, pages [part * PPP, (part + 1) * PPP) of the row: _streams_partition where
         it has quantized pages, else _tail_partition."""
@@ -659,7 +687,7 @@ if triton is not None:
                 q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr,
                 scale_log2, r, kvh, part, start, packed, tail, num_pages, sq0, sq1, so0, so1, num_heads,
                 num_parts, GROUP, G2, HEAD_DIM, BLOCK_SIZE, NUM_KV_HEADS, BLOCK_BYTES, BLOCK_ITEMS, SLICE, T8,
-                TP8, T4, TP4, NS, NC, PPP, PPP2, TILE, SINGLE, UPCAST, PREFETCH, STAGES, F16, ASM)
+                TP8, T4, TP4, NS, NC, PPP, PPP2, TILE, SINGLE, UPCAST, PREFETCH, STAGES, F16, ASM, L2)
         else:
             _tail_partition(
                 q_ptr, kv_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2, r, kvh, part, start,
@@ -723,6 +751,7 @@ def packed_paged_attention_triton(
         PPP2=triton.next_power_of_2(ppp), TILE=TILE,
         SINGLE=single, UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, PREFETCH=cfg.prefetch,
         STAGES=cfg.quant_stages, F16=q.dtype != torch.float32, ASM=cfg.asm and nvidia,
+        L2=cfg.l2_prefetch and nvidia and torch.cuda.get_device_capability(q.device)[0] >= 9,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and nvidia else {}), **pdl_options(q.device),
     )
