@@ -18,7 +18,8 @@ tail. The tiles cost no arithmetic per dequantized element: K's per-channel scal
 1024 + code, built by bit operations (K's and int4 V's in the dots' own registers). Scores are
 transposed (tokens x query heads), so the query heads of a GQA group are the dots' N rather than rows
 padded to 16; a tile's two pages are two "streams" of each head (columns of their own, as
-flash-decoding partitions), joined at the end of the partition. bench/RESULTS.md has the H100 numbers.
+flash-decoding partitions), joined at the end of the partition. On sm_90+ each tile starts the next
+tile's pages on their way from DRAM into L2 (_prefetch_l2). bench/RESULTS.md has the H100 numbers.
 """
 
 import functools
