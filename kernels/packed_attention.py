@@ -308,13 +308,18 @@ if triton is not None:
         return tl.where(slot == 0, a0, a1)
 
     @triton.jit
+    def _slice_start(blk, kvh, UNIT: tl.constexpr, BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
+        """Where kv head kvh's SLICE bytes of page blk start (codes, then scales), in UNIT-byte elements."""
+        return blk.to(tl.int64) * (BLOCK_BYTES // UNIT) + kvh * (SLICE // UNIT)
+
+    @triton.jit
     def _k_code_loads(words_ptr, blk0, n0, blk1, n1, kvh, INT4: tl.constexpr, T: tl.constexpr,
                       TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
                       SLICE: tl.constexpr):
         """The K codes of a tile of pages (blk0, n0) and (blk1, n1) in slots 0 and 1, rows as _tile_rows:
         code words [NS*TP, CB/4], zero past the visible tokens."""
         slot, t = _tile_rows(INT4, TP, NS)
-        base = _pick(slot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4) + t * (CB // 4)
+        base = _slice_start(_pick(slot, blk0, blk1), kvh, 4, BLOCK_BYTES, SLICE) + t * (CB // 4)
         # The cache is streamed once per call: don't let it push q, tables and metadata out of L2.
         return tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :],
                        mask=(t < _pick(slot, n0, n1))[:, None], other=0, eviction_policy="evict_first")
@@ -326,8 +331,8 @@ if triton is not None:
         two bulk prefetches from thread 0 (sm_90+). Called with the next tile's pages: Triton stages a
         tile's code words through shared memory right where they load, so each load's latency is waited
         for in turn, and from L2 it is a fraction of DRAM's (bench/RESULTS.md, session 10)."""
-        p0 = words_ptr + blk0.to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4)
-        p1 = words_ptr + blk1.to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4)
+        p0 = words_ptr + _slice_start(blk0, kvh, 4, BLOCK_BYTES, SLICE)
+        p1 = words_ptr + _slice_start(blk1, kvh, 4, BLOCK_BYTES, SLICE)
         tl.inline_asm_elementwise(
             asm="""{
             .reg .pred p, first;
@@ -353,7 +358,7 @@ if triton is not None:
             # Each column loads its page's pair: 16-byte loads, in the layout the scores use (H100, 8B
             # shape, int4: 8k 48.7 -> 44.3 us and 32k 175.1 -> 161.0 us against the broadcast below).
             cslot = tl.arange(0, NC) // G2
-            h = _pick(cslot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB
+            h = _slice_start(_pick(cslot, blk0, blk1), kvh, 2, BLOCK_BYTES, SLICE) + T * CB
             h = half_ptr + h[:, None] + tl.arange(0, HEAD_DIM)[None, :]
             here = ((cslot < NS) & (_pick(cslot, n0, n1) > 0))[:, None]
             return tl.load(h, mask=here, other=0.0), tl.load(h + HEAD_DIM, mask=here, other=0.0)
@@ -368,8 +373,7 @@ if triton is not None:
                        BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr):
         """One page's K scale and zero [HEAD_DIM] (zeros for an empty page). The halves after the codes:
         K scale [D] | K zero [D] | V scale [T] | V zero [T]."""
-        h = blk.to(tl.int64) * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB
-        h = half_ptr + h + tl.arange(0, HEAD_DIM)
+        h = half_ptr + _slice_start(blk, kvh, 2, BLOCK_BYTES, SLICE) + T * CB + tl.arange(0, HEAD_DIM)
         here = tl.zeros([HEAD_DIM], tl.int32) < n
         return tl.load(h, mask=here, other=0.0), tl.load(h + HEAD_DIM, mask=here, other=0.0)
 
@@ -381,22 +385,22 @@ if triton is not None:
         tokens) and code words, int8 [NS*TP, CB/4] (rows as _tile_rows), int4 [HEAD_DIM, NS*TP/8] (word j
         of a channel: tokens 8(j % (TP/8)).. of slot j // (TP/8); zero past the visible tokens)."""
         slot, t = _tile_rows(INT4, TP, NS)
-        blk = _pick(slot, blk0, blk1).to(tl.int64)
+        blk = _pick(slot, blk0, blk1)
         here = t < _pick(slot, n0, n1)
         if INT4:
             WP: tl.constexpr = TP // 8
             j = tl.arange(0, NS * WP)
             wslot = j // WP
             w = j % WP
-            base = (_pick(wslot, blk0, blk1).to(tl.int64) * (BLOCK_BYTES // 4) + kvh * (SLICE // 4)
-                    + T * CB // 4 + w * HEAD_DIM)
+            base = _slice_start(_pick(wslot, blk0, blk1), kvh, 4, BLOCK_BYTES, SLICE) + T * CB // 4
+            base += w * HEAD_DIM
             vc = tl.load(words_ptr + base[None, :] + tl.arange(0, HEAD_DIM)[:, None],
                          mask=(8 * w < _pick(wslot, n0, n1))[None, :], other=0, eviction_policy="evict_first")
         else:
-            base = blk * (BLOCK_BYTES // 4) + kvh * (SLICE // 4) + (T + t) * (CB // 4)
+            base = _slice_start(blk, kvh, 4, BLOCK_BYTES, SLICE) + (T + t) * (CB // 4)
             vc = tl.load(words_ptr + base[:, None] + tl.arange(0, CB // 4)[None, :], mask=here[:, None],
                          other=0, eviction_policy="evict_first")
-        h = half_ptr + blk * (BLOCK_BYTES // 2) + kvh * (SLICE // 2) + T * CB + 2 * HEAD_DIM + t
+        h = half_ptr + _slice_start(blk, kvh, 2, BLOCK_BYTES, SLICE) + T * CB + 2 * HEAD_DIM + t
         vs = tl.load(h, mask=here, other=0.0)
         vz = tl.load(h + T, mask=here, other=0.0)
         return vc, vs, vz
