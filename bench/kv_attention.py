@@ -121,14 +121,11 @@ def describe(cfg: PackedConfig) -> str:
     asm = "" if cfg.asm else " noasm"
     l2 = "" if cfg.l2_prefetch else " nol2"
     return (f"ppp {cfg.pages_per_part} rows {cfg.tile_rows} w{cfg.num_warps} s{cfg.num_stages}/"
-            f"{cfg.quant_stages} pf{cfg.prefetch}{cap}{asm}{l2}")
+            f"{cfg.quant_stages}{cap}{asm}{l2}")
 
 
-# The sweep's kernel variants for quantized pages: (tile_rows, prefetch, quant_stages, maxnreg, num_warps).
-QUANT_VARIANTS = [
-    (128, 1, 1, 128, 4), (128, 1, 2, 128, 4), (128, 2, 1, 128, 4), (128, 2, 2, 128, 4), (128, 1, 1, 112, 4),
-    (64, 1, 1, 128, 4),
-]
+# The sweep's kernel variants for quantized pages: (tile_rows, quant_stages, maxnreg, num_warps).
+QUANT_VARIANTS = [(128, 1, 128, 4), (128, 2, 128, 4), (128, 1, 112, 4), (64, 1, 128, 4)]
 # Pages per partition the sweep tries (the tiles hold two int4 / two int8 pages: even counts).
 SWEEP_PPP = (4, 6, 8, 10, 12, 16, 20, 24, 32)
 
@@ -163,9 +160,8 @@ def sweep(case: "Case", secs: float, cfg: PackedConfig, bandwidth: float, deadli
     for ppp in SWEEP_PPP:
         run(replace(start, pages_per_part=ppp))
     if case.fmt != FMT_NATIVE and case.fmt not in tuned:
-        for rows, prefetch, stages, maxnreg, warps in QUANT_VARIANTS:
-            run(replace(best[1], tile_rows=rows, prefetch=prefetch, quant_stages=stages, maxnreg=maxnreg,
-                        num_warps=warps))
+        for rows, stages, maxnreg, warps in QUANT_VARIANTS:
+            run(replace(best[1], tile_rows=rows, quant_stages=stages, maxnreg=maxnreg, num_warps=warps))
         top = best[1]
         run(replace(top, asm=False))
         run(replace(top, l2_prefetch=False))
@@ -187,7 +183,7 @@ def kernel_resources() -> str:
                 for key, v in consts.items():
                     idx = key[0] if isinstance(key, tuple) else key
                     name = names[idx] if isinstance(idx, int) and idx < len(names) else str(idx)
-                    if name in ("PPP", "PREFETCH", "NS", "STAGES", "ASM"):
+                    if name in ("PPP", "NS", "STAGES", "ASM"):
                         picked[name] = v
                 lines.append(f"  regs {kernel.n_regs} spills {kernel.n_spills} warps {md.num_warps} "
                              f"stages {getattr(md, 'num_stages', '?')} maxnreg {getattr(md, 'maxnreg', '?')} "

@@ -58,7 +58,6 @@ class PackedConfig:
     # The same for the quantized pages' loop (1: none; with 2, Triton also stages the page lookups
     # through shared memory, behind barriers: H100, 8B shape, 32k int4 190.6 us against 177.6 us).
     quant_stages: int = 1
-    prefetch: int = 1  # 1, 2: see _quant_pages
     # Token rows per int4 tile: pages per tile (1, 2) = tile_rows // (T4 rounded to 2^k), and 1 for GQA
     # groups of more than 4 heads (see packed_paged_attention_triton).
     tile_rows: int = 128
@@ -500,13 +499,14 @@ if triton is not None:
         q_ptr, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row, start, count, kvh, m, l,
         acc, FMT: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr,
         NC: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
-        SLICE: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
+        SLICE: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
         ASM: tl.constexpr, L2: tl.constexpr,
     ):
         """The partition's quantized pages of format FMT (others count as empty), NS per tile.
         STAGES: Triton's software pipelining of the loop (1: none). The page lookups (table, then
         metadata: two dependent loads) run one tile ahead, and for int8 K's scales too; the codes load at
-        the tile's start. PREFETCH 2: V's codes and scales one tile ahead too."""
+        the tile's start, V's right after them (V's a tile ahead, as the lookups, made int4 3x slower and
+        int8 3% slower: bench/RESULTS.md, session 11)."""
         INT4: tl.constexpr = FMT == 2
         # q * scale * log2(e) per column, channels in _k_codes' order.
         qs = tl.load(q_ptr + q_cols[:, None] + _code_order(INT4, HEAD_DIM)[None, :], mask=q_mask[:, None],
@@ -524,9 +524,6 @@ if triton is not None:
         if KSA:
             ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                     BLOCK_BYTES, SLICE)
-        if PREFETCH == 2:
-            vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, HEAD_DIM,
-                                  BLOCK_BYTES, SLICE)
         for i in tl.range(0, count, NS, num_stages=STAGES):
             # This tile's K codes at its start (held in registers across iterations, they would miss
             # the path through shared memory that unpacks them in the dot's registers).
@@ -535,9 +532,8 @@ if triton is not None:
             if not KSA:
                 ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                         BLOCK_BYTES, SLICE)
-            if PREFETCH == 1:
-                vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS,
-                                      HEAD_DIM, BLOCK_BYTES, SLICE)
+            vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, HEAD_DIM,
+                                  BLOCK_BYTES, SLICE)
             nblk0, nn0 = _page(bt_row, meta_ptr, start, i + NS, count, FMT, T)
             nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count if NS > 1 else 0, FMT, T)
             if L2:  # from the block ids alone (waiting for the metadata too was slower)
@@ -548,13 +544,8 @@ if triton is not None:
             if KSA:
                 ks, kz = _k_scale_loads(half_ptr, nblk0, nn0, nblk1, nn1, kvh, T, CB, NS, NC, G2,
                                         HEAD_DIM, BLOCK_BYTES, SLICE)
-            if PREFETCH == 2:
-                vc1, vs1, vz1 = _v_loads(words_ptr, half_ptr, nblk0, nn0, nblk1, nn1, kvh, INT4, T, TP, CB,
-                                         NS, HEAD_DIM, BLOCK_BYTES, SLICE)
             rl, rpv, rz, acc = _tile_values(p, alpha, vc, vs, vz, rl, rpv, rz, acc, INT4, TP, NS,
                                             HEAD_DIM, F16, ASM)
-            if PREFETCH == 2:
-                vc, vs, vz = vc1, vs1, vz1
             blk0, n0, blk1, n1 = nblk0, nn0, nblk1, nn1
         l, acc = _finish_values(rl, rpv, rz, acc, F16)
         return m, l, acc
@@ -567,7 +558,7 @@ if triton is not None:
         NUM_KV_HEADS: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_ITEMS: tl.constexpr, SLICE: tl.constexpr,
         T8: tl.constexpr, TP8: tl.constexpr, T4: tl.constexpr, TP4: tl.constexpr, NS: tl.constexpr,
         NC: tl.constexpr, PPP: tl.constexpr, PPP2: tl.constexpr, TILE: tl.constexpr, SINGLE: tl.constexpr,
-        UPCAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
+        UPCAST: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
         ASM: tl.constexpr, L2: tl.constexpr,
     ):
         """A partition with quantized pages: NS streams (page slots) per query head, as the columns of
@@ -594,11 +585,11 @@ if triton is not None:
         if tl.max(tl.where(here & (fmts == 1), 1, 0), 0) > 0:
             m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
                                      start, nq, kvh, m, l, acc, 1, T8, TP8, HEAD_DIM, NS, NC, G2, HEAD_DIM,
-                                     BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM, L2)
+                                     BLOCK_BYTES, SLICE, STAGES, F16, ASM, L2)
         if tl.max(tl.where(here & (fmts == 2), 1, 0), 0) > 0:
             m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
                                      start, nq, kvh, m, l, acc, 2, T4, TP4, HEAD_DIM // 2, NS, NC, G2,
-                                     HEAD_DIM, BLOCK_BYTES, SLICE, PREFETCH, STAGES, F16, ASM, L2)
+                                     HEAD_DIM, BLOCK_BYTES, SLICE, STAGES, F16, ASM, L2)
 
         # The 16-bit tail's tokens that fall in this partition's pages, token j of a tile in slot j*NS/TILE.
         rows = tl.arange(0, TILE)
@@ -698,7 +689,7 @@ if triton is not None:
         BLOCK_ITEMS: tl.constexpr, SLICE: tl.constexpr, T8: tl.constexpr, TP8: tl.constexpr, T4: tl.constexpr,
         TP4: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, PPP: tl.constexpr, PPP2: tl.constexpr,
         TILE: tl.constexpr,
-        SINGLE: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+        SINGLE: tl.constexpr, UPCAST: tl.constexpr, STAGES: tl.constexpr,
         F16: tl.constexpr, ASM: tl.constexpr, L2: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """Row r, kv head kvh, pages [part * PPP, (part + 1) * PPP) of the row: _streams_partition where
@@ -719,7 +710,7 @@ if triton is not None:
                 q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr,
                 scale_log2, r, kvh, part, start, packed, tail, num_pages, sq0, sq1, so0, so1, num_heads,
                 num_parts, GROUP, G2, HEAD_DIM, BLOCK_SIZE, NUM_KV_HEADS, BLOCK_BYTES, BLOCK_ITEMS, SLICE, T8,
-                TP8, T4, TP4, NS, NC, PPP, PPP2, TILE, SINGLE, UPCAST, PREFETCH, STAGES, F16, ASM, L2)
+                TP8, T4, TP4, NS, NC, PPP, PPP2, TILE, SINGLE, UPCAST, STAGES, F16, ASM, L2)
         else:
             _tail_partition(
                 q_ptr, kv_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2, r, kvh, part, start,
@@ -754,7 +745,7 @@ def packed_paged_attention_triton(
     max_pages = block_tables.shape[1]
     cfg = config or default_config(num_rows, num_kv_heads, max_pages, q.device)
     ppp = cfg.pages_per_part
-    assert ppp >= 1 and cfg.prefetch in (1, 2), f"pages_per_part {ppp}, prefetch {cfg.prefetch}"
+    assert ppp >= 1, f"pages_per_part {ppp}"
     group = num_heads // num_kv_heads
     g2 = triton.next_power_of_2(group)
     t8 = tokens_per_page(FMT_INT8, block_bytes, num_kv_heads, head_dim, block_size)
@@ -781,7 +772,7 @@ def packed_paged_attention_triton(
         BLOCK_ITEMS=block_bytes // q.dtype.itemsize, SLICE=block_bytes // num_kv_heads,
         T8=t8, TP8=tp8, T4=t4, TP4=tp4, NS=slots, NC=max(8, slots * g2), PPP=ppp,
         PPP2=triton.next_power_of_2(ppp), TILE=TILE,
-        SINGLE=single, UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, PREFETCH=cfg.prefetch,
+        SINGLE=single, UPCAST=q.device.type == "cpu" and q.dtype != torch.float32,
         STAGES=cfg.quant_stages, F16=q.dtype != torch.float32, ASM=cfg.asm and nvidia,
         L2=cfg.l2_prefetch and nvidia and torch.cuda.get_device_capability(q.device)[0] >= 9,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

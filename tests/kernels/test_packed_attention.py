@@ -119,13 +119,13 @@ def test_reference_matches_naive(name):
 
 @needs_triton
 @pytest.mark.parametrize("ppp", [4, 32], ids=["parts", "single"])
-@pytest.mark.parametrize("prefetch,tile_rows", [(1, 64), (1, 128), (2, 256)], ids=lambda x: str(x))
+@pytest.mark.parametrize("tile_rows", [64, 128, 256])
 @pytest.mark.parametrize("name", CASES)
-def test_triton_matches_reference_fp32(name, prefetch, tile_rows, ppp):
-    """Both prefetch modes; tiles of one or two pages (tile_rows // T rounded up to 2^k, at most 2)."""
+def test_triton_matches_reference_fp32(name, tile_rows, ppp):
+    """Tiles of one or two pages (tile_rows // T rounded up to 2^k, at most 2)."""
     rows, *shape = CASES[name]
-    args, kw = make_case(rows, *shape, dtype=torch.float32, seed=prefetch + tile_rows // 64)
-    config = PackedConfig(ppp, prefetch=prefetch, tile_rows=tile_rows)
+    args, kw = make_case(rows, *shape, dtype=torch.float32, seed=tile_rows // 64)
+    config = PackedConfig(ppp, tile_rows=tile_rows)
     got = packed_paged_attention_triton(*args, **kw, config=config)
     assert not got.isnan().any()
     torch.testing.assert_close(got, packed_paged_attention_ref(*args, **kw), atol=1e-4, rtol=1e-4)
