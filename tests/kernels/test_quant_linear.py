@@ -19,18 +19,8 @@ from optd.kernels.quant_linear import (
     quantize_int4,
     quantize_int8,
 )
+from tests.kernels.test_rmsnorm import DEVICE, needs_triton
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: Triton kernel not tested")
-
-# Triton kernels run on CUDA tensors when a GPU is there and the interpreter is off
-# (TRITON_INTERPRET=0 python -m pytest ...); otherwise on CPU tensors through the interpreter.
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # One ulp of headroom for a scale stored in the dtype (it is rounded up, never down).
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
