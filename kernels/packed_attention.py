@@ -519,8 +519,9 @@ if triton is not None:
         rl = tl.where(tl.arange(0, R)[:, None] == 0, l[None, :], 0.0)  # l so far, rescaled from here on
         rpv = tl.zeros([R, NC], tl.float32)
         rz = tl.zeros([R, NC], tl.float32)
+        count1 = count if NS > 1 else 0  # pages that slot 1 may take: none with one page a tile
         blk0, n0 = _page(bt_row, meta_ptr, start, 0, count, FMT, T)
-        blk1, n1 = _page(bt_row, meta_ptr, start, 1, count if NS > 1 else 0, FMT, T)
+        blk1, n1 = _page(bt_row, meta_ptr, start, 1, count1, FMT, T)
         if KSA:
             ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                     BLOCK_BYTES, SLICE)
@@ -535,10 +536,10 @@ if triton is not None:
             vc, vs, vz = _v_loads(words_ptr, half_ptr, blk0, n0, blk1, n1, kvh, INT4, T, TP, CB, NS, HEAD_DIM,
                                   BLOCK_BYTES, SLICE)
             nblk0, nn0 = _page(bt_row, meta_ptr, start, i + NS, count, FMT, T)
-            nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count if NS > 1 else 0, FMT, T)
+            nblk1, nn1 = _page(bt_row, meta_ptr, start, i + NS + 1, count1, FMT, T)
             if L2:  # from the block ids alone (waiting for the metadata too was slower)
-                _prefetch_l2(words_ptr, nblk0, i + NS < count, nblk1, (NS > 1) & (i + NS + 1 < count), kvh,
-                             BLOCK_BYTES, SLICE)
+                _prefetch_l2(words_ptr, nblk0, i + NS < count, nblk1, i + NS + 1 < count1, kvh, BLOCK_BYTES,
+                             SLICE)
             p, alpha, m = _tile_scores(qs, kc, ks, kz, n0, n1, m, INT4, TP, NS, NC, G2, HEAD_DIM, F16,
                                        ASM)
             if KSA:
