@@ -719,8 +719,31 @@ if triton is not None:
                 BLOCK_SIZE, NUM_KV_HEADS, BLOCK_ITEMS, PPP, TILE, SINGLE, UPCAST)
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def kernel_constants(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                     cfg: PackedConfig, single: bool, nvidia: bool, hopper: bool, cpu: bool = False) -> dict:
+    """_partition_kernel's constexprs for a shape and config (nvidia: the PTX paths; hopper: sm_90+)."""
+    block_bytes = 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+    group = num_heads // num_kv_heads
+    g2 = _pow2(group)
+    t8 = tokens_per_page(FMT_INT8, block_bytes, num_kv_heads, head_dim, block_size)
+    t4 = tokens_per_page(FMT_INT4, block_bytes, num_kv_heads, head_dim, block_size)
+    tp8, tp4 = max(16, _pow2(t8)), max(16, _pow2(t4))
+    # Page slots = pages per tile, of either format. The slots' query heads are the dots' N: kept at 8
+    # where the group allows (H100: with N = 16, i.e. 2 slots of groups of 5..8 heads, the compiled
+    # kernel returned garbage and faulted on the engine's demo model, 5 q heads per kv head).
+    slots = min(2, max(1, cfg.tile_rows // tp4), max(1, 8 // g2))
+    return dict(
+        GROUP=group, GROUP_PAD=max(16, g2), G2=g2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        NUM_KV_HEADS=num_kv_heads, BLOCK_BYTES=block_bytes, BLOCK_ITEMS=block_bytes // dtype.itemsize,
+        SLICE=block_bytes // num_kv_heads, T8=t8, TP8=tp8, T4=t4, TP4=tp4, NS=slots, NC=max(8, slots * g2),
+        PPP=cfg.pages_per_part, PPP2=_pow2(cfg.pages_per_part), TILE=TILE, SINGLE=single,
+        UPCAST=cpu and dtype != torch.float32, STAGES=cfg.quant_stages, F16=dtype != torch.float32,
+        ASM=cfg.asm and nvidia, L2=cfg.l2_prefetch and hopper,
+    )
 
 
 def packed_paged_attention_triton(
@@ -747,15 +770,6 @@ def packed_paged_attention_triton(
     cfg = config or default_config(num_rows, num_kv_heads, max_pages, q.device)
     ppp = cfg.pages_per_part
     assert ppp >= 1, f"pages_per_part {ppp}"
-    group = num_heads // num_kv_heads
-    g2 = triton.next_power_of_2(group)
-    t8 = tokens_per_page(FMT_INT8, block_bytes, num_kv_heads, head_dim, block_size)
-    t4 = tokens_per_page(FMT_INT4, block_bytes, num_kv_heads, head_dim, block_size)
-    tp8, tp4 = _pow2_at_least_16(t8), _pow2_at_least_16(t4)
-    # Page slots = pages per tile, of either format. The slots' query heads are the dots' N: kept at 8
-    # where the group allows (H100: with N = 16, i.e. 2 slots of groups of 5..8 heads, the compiled
-    # kernel returned garbage and faulted on the engine's demo model, 5 q heads per kv head).
-    slots = min(2, max(1, cfg.tile_rows // tp4), max(1, 8 // g2))
     nvidia = q.device.type == "cuda" and torch.version.hip is None
     # Grid and workspace come from shapes only, so the launch is capturable in a CUDA graph.
     num_parts = max(1, triton.cdiv(max_pages, ppp))
@@ -764,19 +778,14 @@ def packed_paged_attention_triton(
     m = torch.empty(ws, dtype=torch.float32, device=q.device)
     l = torch.empty(ws, dtype=torch.float32, device=q.device)
     acc = torch.empty((*ws, head_dim), dtype=torch.float32, device=q.device)
+    hopper = nvidia and torch.cuda.get_device_capability(q.device)[0] >= 9
+    constants = kernel_constants(q.dtype, num_heads, num_kv_heads, head_dim, block_size, cfg, single, nvidia,
+                                 hopper, cpu=q.device.type == "cpu")
     _partition_kernel[(num_rows, num_kv_heads, num_parts)](
         q, layer_data.view(torch.int32), layer_data.view(torch.float16), layer_data.view(q.dtype), page_meta,
         block_tables, packed_pages, tail_lens, out, m, l, acc, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), num_heads, num_parts,
-        GROUP=group, GROUP_PAD=max(16, g2), G2=g2, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_KV_HEADS=num_kv_heads, BLOCK_BYTES=block_bytes,
-        BLOCK_ITEMS=block_bytes // q.dtype.itemsize, SLICE=block_bytes // num_kv_heads,
-        T8=t8, TP8=tp8, T4=t4, TP4=tp4, NS=slots, NC=max(8, slots * g2), PPP=ppp,
-        PPP2=triton.next_power_of_2(ppp), TILE=TILE,
-        SINGLE=single, UPCAST=q.device.type == "cpu" and q.dtype != torch.float32,
-        STAGES=cfg.quant_stages, F16=q.dtype != torch.float32, ASM=cfg.asm and nvidia,
-        L2=cfg.l2_prefetch and nvidia and torch.cuda.get_device_capability(q.device)[0] >= 9,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and nvidia else {}), **pdl_options(q.device),
     )
     if not single:

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -240,3 +244,67 @@ def test_dispatch():
         assert torch.equal(out, packed_paged_attention_ref(*args, **kw))
     else:
         torch.testing.assert_close(out, packed_paged_attention_ref(*args, **kw), atol=1e-4, rtol=1e-4)
+
+
+# The partition kernel for the GPUs the engine runs on, compiled with no GPU: the PTX paths (inline asm,
+# L2 prefetch, programmatic dependent launch) for sm_90, plain Triton for gfx942 (MI300X). Shapes: the
+# 8B model's, a GQA group of 16 (one page a tile) and float32 in one partition; and the reduce kernel.
+COMPILE_SCRIPT = r"""
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import optd.kernels.packed_attention as PA
+import optd.kernels.paged_attention as PG
+
+def compile_for(target, fn, types, constexprs, options):
+    sig = {name: types.get(name, "i32") for name in fn.arg_names if name not in constexprs}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig.get(name, "").startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    triton.compile(src, target=target, options=options)
+
+def partition_types(dtype):
+    t = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    return {"q_ptr": t, "words_ptr": "*i32", "half_ptr": "*fp16", "kv_ptr": t, "meta_ptr": "*i32",
+            "bt_ptr": "*i32", "packed_ptr": "*i32", "tail_ptr": "*i32", "out_ptr": t, "m_ptr": "*fp32",
+            "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale_log2": "fp32"}
+
+shapes = [(torch.bfloat16, 32, 8, 128, 20, False), (torch.bfloat16, 16, 1, 64, 6, False),
+          (torch.float32, 5, 1, 64, 16, True)]
+reduce_types = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "lens_ptr": "*i32",
+                "packed_ptr": "*i32", "out_ptr": "*bf16"}
+reduce_consts = dict(HEAD_DIM=128, PART=20, CHUNK=16, BLOCK_SIZE=16, PACKED=True)
+for target, nvidia in ((GPUTarget("cuda", 90, 32), True), (GPUTarget("hip", "gfx942", 64), False)):
+    for dtype, heads, kv_heads, head_dim, ppp, single in shapes:
+        cfg = PA.PackedConfig(ppp)
+        consts = PA.kernel_constants(dtype, heads, kv_heads, head_dim, 16, cfg, single, nvidia, nvidia)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if nvidia:
+            options["maxnreg"] = cfg.maxnreg
+        consts["PDL"] = nvidia
+        try:
+            compile_for(target, PA._partition_kernel, partition_types(dtype), consts, options)
+        except Exception as e:
+            sys.exit(f"{target.arch} partition kernel {dtype} {heads} q / {kv_heads} kv heads, head_dim "
+                     f"{head_dim}: {type(e).__name__}: {e}")
+    try:
+        reduce_consts["PDL"] = nvidia
+        compile_for(target, PG.reduce_partitions, reduce_types, reduce_consts, {"num_warps": 4})
+    except Exception as e:
+        sys.exit(f"{target.arch} reduce kernel: {type(e).__name__}: {e}")
+print("compiled", len(shapes), "partition kernels and the reduce kernel for sm_90 and gfx942")
+"""
+
+
+@needs_triton
+def test_kernels_compile_for_gpus():
+    from triton.backends import backends
+
+    if not {"nvidia", "amd"} <= set(backends):
+        pytest.skip("this Triton build lacks the NVIDIA or AMD backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
