@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -247,20 +246,9 @@ def test_dispatch():
 # L2 prefetch, programmatic dependent launch) for sm_90, plain Triton for gfx942 (MI300X). Shapes: the
 # 8B model's, a GQA group of 16 (one page a tile) and float32 in one partition; and the reduce kernel.
 COMPILE_SCRIPT = r"""
-import sys
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import optd.kernels.packed_attention as PA
 import optd.kernels.paged_attention as PG
-
-def compile_for(target, fn, types, constexprs, options):
-    sig = {name: types.get(name, "i32") for name in fn.arg_names if name not in constexprs}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig.get(name, "").startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    triton.compile(src, target=target, options=options)
 
 def partition_types(dtype):
     t = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
@@ -273,7 +261,7 @@ shapes = [(torch.bfloat16, 32, 8, 128, 20, False), (torch.bfloat16, 16, 1, 64, 6
 reduce_types = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "lens_ptr": "*i32",
                 "packed_ptr": "*i32", "out_ptr": "*bf16"}
 reduce_consts = dict(HEAD_DIM=128, PART=20, CHUNK=16, BLOCK_SIZE=16, PACKED=True)
-for target, nvidia in ((GPUTarget("cuda", 90, 32), True), (GPUTarget("hip", "gfx942", 64), False)):
+for target, nvidia in GPU_TARGETS:
     for dtype, heads, kv_heads, head_dim, ppp, single in shapes:
         cfg = PA.PackedConfig(ppp)
         consts = PA.kernel_constants(dtype, heads, kv_heads, head_dim, 16, cfg, single, nvidia, nvidia)

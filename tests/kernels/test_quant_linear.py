@@ -373,26 +373,12 @@ def test_triton_empty_and_leading_dims():
 
 # Compiles the kernels for an H100 (sm_90) and an MI300 (gfx942) with the Triton compiler, no GPU
 # needed: the interpreter accepts code that the compiler rejects (tl.dot shapes, layouts, dtypes), and
-# the gfx942 build shows the kernels use no CUDA-only intrinsics. In a subprocess because under
-# TRITON_INTERPRET=1 @triton.jit gives interpreted functions, which the compiler cannot take.
+# the gfx942 build shows the kernels use no CUDA-only intrinsics (test_rmsnorm's run_compile_script).
 COMPILE_SCRIPT = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import optd.kernels.quant_linear as QL
 
-def compile_for(target, fn, types, constexprs, num_warps):
-    sig = {}
-    for name in fn.arg_names:
-        if name not in constexprs:
-            sig[name] = types.get(name, "i32")
-    # As the launcher specializes them: pointers and row strides divisible by 16 (vector loads).
-    strides = ("sqn", "ssn", "szn", "sxm", "som", "sop")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name in sig and (sig[name].startswith("*") or name in strides)}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": 3})
+# Row strides the launcher specializes as divisible by 16, as it does pointers.
+STRIDES = ("sqn", "ssn", "szn", "sxm", "som", "sop")
 
 def ptrs(q, x="*bf16"):
     return {"x_ptr": x, "q_ptr": q, "s_ptr": x, "z_ptr": x, "out_ptr": x, "ws_ptr": "*fp32",
@@ -421,11 +407,11 @@ cases = [
      {**gemv4, "GROUP": 32, "SPLIT": False, "EVEN_K": False, "SWIGLU": True}, 4),
     (QL._gemv_int8_kernel, ptrs("*i8"), gemv8, 4),
 ]
-# Programmatic dependent launch (optd.kernels.pdl) on the NVIDIA target only, as at run time.
-for target, pdl in ((GPUTarget("cuda", 90, 32), True), (GPUTarget("hip", "gfx942", 64), False)):
+for target, nvidia in GPU_TARGETS:
     for fn, types, constexprs, warps in cases:
         try:
-            compile_for(target, fn, types, {**constexprs, "PDL": pdl}, warps)
+            options = {"num_warps": warps, "num_stages": 3}
+            compile_for(target, fn, types, {**constexprs, "PDL": nvidia}, options, STRIDES)
         except Exception as e:
             sys.exit(f"{target.arch} {fn.__name__} {constexprs}: {type(e).__name__}: {e}")
 print("compiled", len(cases), "kernels for sm_90 and gfx942")

@@ -19,19 +19,41 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 # (TRITON_INTERPRET=0 python -m pytest ...); otherwise on CPU tensors through the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-5
+
+# Put before every compile script (run_compile_script): the targets, and one kernel compiled for one.
+COMPILE_HELPER = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# An H100 and an MI300X; programmatic dependent launch (optd.kernels.pdl) on NVIDIA only, as at run time.
+GPU_TARGETS = ((GPUTarget("cuda", 90, 32), True), (GPUTarget("hip", "gfx942", 64), False))
+
+def compile_for(target, fn, types, constexprs, options, divisible=()):
+    # Arguments not in constexprs are typed from types (i32 otherwise); pointers and the `divisible`
+    # arguments are divisible by 16, as the launcher specializes them (vector loads).
+    sig = {name: types.get(name, "i32") for name in fn.arg_names if name not in constexprs}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in sig and (sig[name].startswith("*") or name in divisible)}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    triton.compile(src, target=target, options=options)
+"""
 
 
 def run_compile_script(script: str) -> None:
-    """Run `script` (compiles kernels for GPU targets with no GPU) outside the interpreter; skip the test
-    where this Triton build lacks the NVIDIA or AMD backend."""
+    """Run COMPILE_HELPER + `script` (kernels compiled for GPU targets, no GPU needed) in a subprocess:
+    under TRITON_INTERPRET=1, @triton.jit gives interpreted functions, which the compiler cannot take.
+    Skips the test where this Triton build lacks the NVIDIA or AMD backend."""
     from triton.backends import backends
 
     if not {"nvidia", "amd"} <= set(backends):
         pytest.skip("this Triton build lacks the NVIDIA or AMD backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", COMPILE_HELPER + script], env=env, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-EPS = 1e-5
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
