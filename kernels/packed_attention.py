@@ -8,7 +8,7 @@ block_size-token pages. Token order is irrelevant to attention (RoPE is already 
 `packed_paged_attention_triton` is the GPU kernel, which dequantizes in registers and never writes a
 16-bit copy of the cache; `packed_paged_attention` picks one by device.
 
-The kernel follows paged_attention's: flash-decoding partitions of `pages_per_part` pages per (row, kv
+The kernel follows paged_attention's: flash-decoding partitions of up to `pages_per_part` pages per (row, kv
 head), then a reduce kernel; grid and workspace from shapes only (CUDA-graph capturable). A partition of
 16-bit pages only runs exactly as paged_attention does (bit for bit the same result on 16-bit-only
 tables with 256-token partitions). A partition with quantized pages streams them in tiles of one or two
@@ -52,7 +52,7 @@ except ImportError:  # the reference path must keep working without triton
 class PackedConfig:
     """Launch parameters of the Triton kernel (bench/kv_attention.py --sweep times alternatives)."""
 
-    pages_per_part: int  # pages per flash-decoding partition (each page is block_bytes)
+    pages_per_part: int  # the most pages in a flash-decoding partition (each page is block_bytes)
     num_warps: int = 4
     num_stages: int = 3  # Triton's software pipelining depth for the 16-bit tail
     # The same for the quantized pages' loop (1: none; with 2, Triton also stages the page lookups
@@ -554,7 +554,7 @@ if triton is not None:
     @triton.jit
     def _streams_partition(
         q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2,
-        r, kvh, part, start, packed, tail, num_pages, sq0, sq1, so0, so1, num_heads, num_parts,
+        r, kvh, part, start, end, packed, tail, sq0, sq1, so0, so1, num_heads, num_parts,
         GROUP: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         NUM_KV_HEADS: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_ITEMS: tl.constexpr, SLICE: tl.constexpr,
         T8: tl.constexpr, TP8: tl.constexpr, T4: tl.constexpr, TP4: tl.constexpr, NS: tl.constexpr,
@@ -576,7 +576,7 @@ if triton is not None:
         l = tl.zeros([NC], tl.float32)
         acc = tl.zeros([HEAD_DIM, NC], tl.float32)
 
-        nq = tl.minimum(start + PPP, packed) - start  # quantized pages in this partition (> 0)
+        nq = tl.minimum(end, packed) - start  # quantized pages in this partition (> 0)
         if L2:  # the first tile's pages on their way while the formats and q load (see _quant_pages)
             _prefetch_l2(words_ptr, tl.load(bt_row + start), nq > 0, tl.load(bt_row + start + 1, mask=nq > 1),
                          nq > 1, kvh, BLOCK_BYTES, SLICE)
@@ -598,7 +598,7 @@ if triton is not None:
         q = tl.load(q_row + q_cols[:, None] + d[None, :], mask=q_mask[:, None], other=0.0)  # [NC, D]
         if UPCAST:  # the CPU interpreter would matmul bf16 as raw uint16 bits
             q = q.to(tl.float32)
-        tok_end = tl.minimum((tl.minimum(start + PPP, num_pages) - packed) * BLOCK_SIZE, tail)
+        tok_end = tl.minimum((end - packed) * BLOCK_SIZE, tail)
         # No software pipelining: a tail is a few pages, and its prologue would run in every program
         # (H100, 8B shape, int4: 8k 40.3 -> 39.6 us, 32k 133.9 -> 131.9 us).
         for off in tl.range(0, tok_end, TILE, num_stages=1):
@@ -637,7 +637,7 @@ if triton is not None:
     @triton.jit
     def _tail_partition(
         q_ptr, kv_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2, r, kvh, part, start, packed, tail,
-        num_pages, sq0, sq1, so0, so1, num_heads, num_parts,
+        end, sq0, sq1, so0, so1, num_heads, num_parts,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         NUM_KV_HEADS: tl.constexpr, BLOCK_ITEMS: tl.constexpr, PPP: tl.constexpr, TILE: tl.constexpr,
         SINGLE: tl.constexpr, UPCAST: tl.constexpr,
@@ -655,7 +655,7 @@ if triton is not None:
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         tok_start = (start - packed) * BLOCK_SIZE
-        tok_end = tl.minimum((tl.minimum(start + PPP, num_pages) - packed) * BLOCK_SIZE, tail)
+        tok_end = tl.minimum((end - packed) * BLOCK_SIZE, tail)
         for off in range(tok_start, tok_end, TILE):
             pos = off + tl.arange(0, TILE)
             valid = pos < tok_end
@@ -682,6 +682,21 @@ if triton is not None:
             tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=hmask[:, None])
 
     @triton.jit
+    def _part_pages(part, parts, num_pages, packed, PPP: tl.constexpr):
+        """Pages [start, end) of a row's partition part of parts. A row with quantized pages splits them
+        evenly in whole tiles (two pages), the larger partitions first, so that the SMs of one wave get even
+        shares (H100, 8B shape, int4 at 8k: a row's 147 pages as 7 x 20 + 7 gave some SMs 40 tiles and the
+        slowest program ended 6 us after the median; split evenly 39.2 -> 36.5 us). A row of 16-bit pages
+        only goes in steps of PPP, as paged_attention's partitions (the same result bit for bit)."""
+        tiles = tl.cdiv(num_pages, 2)
+        per = tiles // parts
+        extra = tiles % parts
+        even = 2 * (part * per + tl.minimum(part, extra))
+        start = tl.where(packed > 0, even, part * PPP)
+        size = tl.where(packed > 0, 2 * (per + (part < extra).to(tl.int32)), PPP)
+        return start, tl.minimum(start + size, num_pages)
+
+    @triton.jit
     def _partition_kernel(
         q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_ptr, packed_ptr, tail_ptr, out_ptr,
         m_ptr, l_ptr, acc_ptr, scale_log2, sq0, sq1, sbt, so0, so1, num_heads, num_parts,
@@ -693,8 +708,8 @@ if triton is not None:
         SINGLE: tl.constexpr, UPCAST: tl.constexpr, STAGES: tl.constexpr,
         F16: tl.constexpr, ASM: tl.constexpr, L2: tl.constexpr, PDL: tl.constexpr = False,
     ):
-        """Row r, kv head kvh, pages [part * PPP, (part + 1) * PPP) of the row: _streams_partition where
-        it has quantized pages, else _tail_partition."""
+        """Row r, kv head kvh, the row's pages of partition part (_part_pages): _streams_partition where it
+        has quantized pages, else _tail_partition."""
         pdl_wait(PDL)
         r = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -702,20 +717,21 @@ if triton is not None:
         packed = tl.load(packed_ptr + r)
         tail = tl.load(tail_ptr + r)
         num_pages = packed + tl.cdiv(tail, BLOCK_SIZE)
-        start = part * PPP
-        if not SINGLE and start >= num_pages:  # the reduce kernel ignores partitions past the row's pages
+        parts = tl.cdiv(num_pages, PPP)  # as the reduce kernel counts them
+        if not SINGLE and part >= parts:
             return
+        start, end = _part_pages(part, parts, num_pages, packed, PPP)
         bt_row = bt_ptr + r.to(tl.int64) * sbt
         if start < packed:
             _streams_partition(
                 q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr,
-                scale_log2, r, kvh, part, start, packed, tail, num_pages, sq0, sq1, so0, so1, num_heads,
+                scale_log2, r, kvh, part, start, end, packed, tail, sq0, sq1, so0, so1, num_heads,
                 num_parts, GROUP, G2, HEAD_DIM, BLOCK_SIZE, NUM_KV_HEADS, BLOCK_BYTES, BLOCK_ITEMS, SLICE, T8,
                 TP8, T4, TP4, NS, NC, PPP, PPP2, TILE, SINGLE, UPCAST, STAGES, F16, ASM, L2)
         else:
             _tail_partition(
                 q_ptr, kv_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2, r, kvh, part, start,
-                packed, tail, num_pages, sq0, sq1, so0, so1, num_heads, num_parts, GROUP, GROUP_PAD, HEAD_DIM,
+                packed, tail, end, sq0, sq1, so0, so1, num_heads, num_parts, GROUP, GROUP_PAD, HEAD_DIM,
                 BLOCK_SIZE, NUM_KV_HEADS, BLOCK_ITEMS, PPP, TILE, SINGLE, UPCAST)
 
 
