@@ -299,7 +299,12 @@ if triton is not None:
         here = j < count
         blk = tl.load(bt_row + start + j, mask=here, other=0)
         meta = tl.load(meta_ptr + blk, mask=here, other=0)
-        return blk, tl.where(here & (meta >> 8 == FMT), tl.minimum(meta & 255, T), 0)
+        return blk, _visible(meta, here, FMT, T)
+
+    @triton.jit
+    def _visible(meta, here, FMT: tl.constexpr, T: tl.constexpr):
+        """A page's visible token count from its metadata: 0 if not here or of another format."""
+        return tl.where(here & (meta >> 8 == FMT), tl.minimum(meta & 255, T), 0)
 
     @triton.jit
     def _pick(slot, a0, a1):
@@ -497,14 +502,15 @@ if triton is not None:
     @triton.jit
     def _quant_pages(
         q_ptr, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row, start, count, kvh, m, l,
-        acc, FMT: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr, NS: tl.constexpr,
-        NC: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
-        SLICE: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
+        acc, first_pages, FMT: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, CB: tl.constexpr,
+        NS: tl.constexpr, NC: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_BYTES: tl.constexpr, SLICE: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
         ASM: tl.constexpr, L2: tl.constexpr,
     ):
         """The partition's quantized pages of format FMT (others count as empty), NS per tile.
-        STAGES: Triton's software pipelining of the loop (1: none). The page lookups (table, then
-        metadata: two dependent loads) run one tile ahead, and for int8 K's scales too; the codes load at
+        STAGES: Triton's software pipelining of the loop (1: none). first_pages: (block, metadata) of the
+        partition's first two pages. The page lookups (table, then metadata: two dependent loads) run one
+        tile ahead, and for int8 K's scales too; the codes load at
         the tile's start, V's right after them (V's a tile ahead, as the lookups, made int4 3x slower and
         int8 3% slower: bench/RESULTS.md, session 11)."""
         INT4: tl.constexpr = FMT == 2
@@ -520,8 +526,9 @@ if triton is not None:
         rpv = tl.zeros([R, NC], tl.float32)
         rz = tl.zeros([R, NC], tl.float32)
         count1 = count if NS > 1 else 0  # pages that slot 1 may take: none with one page a tile
-        blk0, n0 = _page(bt_row, meta_ptr, start, 0, count, FMT, T)
-        blk1, n1 = _page(bt_row, meta_ptr, start, 1, count1, FMT, T)
+        blk0, meta0, blk1, meta1 = first_pages
+        n0 = _visible(meta0, count > 0, FMT, T)
+        n1 = _visible(meta1, count1 > 1, FMT, T)
         if KSA:
             ks, kz = _k_scale_loads(half_ptr, blk0, n0, blk1, n1, kvh, T, CB, NS, NC, G2, HEAD_DIM,
                                     BLOCK_BYTES, SLICE)
@@ -577,20 +584,23 @@ if triton is not None:
         acc = tl.zeros([HEAD_DIM, NC], tl.float32)
 
         nq = tl.minimum(end, packed) - start  # quantized pages in this partition (> 0)
+        blk0 = tl.load(bt_row + start)
+        blk1 = tl.load(bt_row + start + 1, mask=nq > 1, other=0)
         if L2:  # the first tile's pages on their way while the formats and q load (see _quant_pages)
-            _prefetch_l2(words_ptr, tl.load(bt_row + start), nq > 0, tl.load(bt_row + start + 1, mask=nq > 1),
-                         nq > 1, kvh, BLOCK_BYTES, SLICE)
+            _prefetch_l2(words_ptr, blk0, nq > 0, blk1, nq > 1, kvh, BLOCK_BYTES, SLICE)
+        # Looked up beside the format check: the loop's first tile needs no lookups of its own.
+        first_pages = (blk0, tl.load(meta_ptr + blk0), blk1, tl.load(meta_ptr + blk1, mask=nq > 1, other=0))
         idx = tl.arange(0, PPP2)
         here = idx < nq
         fmts = tl.load(meta_ptr + tl.load(bt_row + start + idx, mask=here, other=0), mask=here, other=0) >> 8
         if tl.max(tl.where(here & (fmts == 1), 1, 0), 0) > 0:
             m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
-                                     start, nq, kvh, m, l, acc, 1, T8, TP8, HEAD_DIM, NS, NC, G2, HEAD_DIM,
-                                     BLOCK_BYTES, SLICE, STAGES, F16, ASM, L2)
+                                     start, nq, kvh, m, l, acc, first_pages, 1, T8, TP8, HEAD_DIM, NS, NC, G2,
+                                     HEAD_DIM, BLOCK_BYTES, SLICE, STAGES, F16, ASM, L2)
         if tl.max(tl.where(here & (fmts == 2), 1, 0), 0) > 0:
             m, l, acc = _quant_pages(q_row, q_cols, q_mask, scale_log2, words_ptr, half_ptr, meta_ptr, bt_row,
-                                     start, nq, kvh, m, l, acc, 2, T4, TP4, HEAD_DIM // 2, NS, NC, G2,
-                                     HEAD_DIM, BLOCK_BYTES, SLICE, STAGES, F16, ASM, L2)
+                                     start, nq, kvh, m, l, acc, first_pages, 2, T4, TP4, HEAD_DIM // 2, NS,
+                                     NC, G2, HEAD_DIM, BLOCK_BYTES, SLICE, STAGES, F16, ASM, L2)
 
         # The 16-bit tail's tokens that fall in this partition's pages, token j of a tile in slot j*NS/TILE.
         rows = tl.arange(0, TILE)
@@ -718,7 +728,10 @@ if triton is not None:
         tail = tl.load(tail_ptr + r)
         num_pages = packed + tl.cdiv(tail, BLOCK_SIZE)
         parts = tl.cdiv(num_pages, PPP)  # as the reduce kernel counts them
-        if not SINGLE and part >= parts:
+        if not SINGLE and part >= parts:  # past the row's pages: marked empty for the reduce kernel
+            gh = tl.arange(0, G2)
+            row = (r.to(tl.int64) * num_heads + kvh * GROUP + gh) * num_parts + part
+            tl.store(m_ptr + row, tl.full([G2], float("-inf"), tl.float32), mask=gh < GROUP)
             return
         start, end = _part_pages(part, parts, num_pages, packed, PPP)
         bt_row = bt_ptr + r.to(tl.int64) * sbt
@@ -806,8 +819,8 @@ def packed_paged_attention_triton(
     )
     if not single:
         paged.reduce_partitions[(num_rows, num_heads)](
-            m, l, acc, tail_lens, packed_pages, out, out.stride(0), out.stride(1), num_heads, num_parts,
-            HEAD_DIM=head_dim, PART=ppp, CHUNK=16, BLOCK_SIZE=block_size, PACKED=True,
+            m, l, acc, tail_lens, out, out.stride(0), out.stride(1), num_heads, num_parts,
+            HEAD_DIM=head_dim, PART=ppp, CHUNK=16, MARKED=True,
             **pdl_options(q.device),
         )
     return out

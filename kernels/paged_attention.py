@@ -145,21 +145,18 @@ if triton is not None:
 
     @triton.jit
     def reduce_partitions(
-        m_ptr, l_ptr, acc_ptr, lens_ptr, packed_ptr, out_ptr, so0, so1, num_heads, num_parts,
-        HEAD_DIM: tl.constexpr, PART: tl.constexpr, CHUNK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        PACKED: tl.constexpr, PDL: tl.constexpr = False,
+        m_ptr, l_ptr, acc_ptr, lens_ptr, out_ptr, so0, so1, num_heads, num_parts,
+        HEAD_DIM: tl.constexpr, PART: tl.constexpr, CHUNK: tl.constexpr, MARKED: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """Combine the partitions' (m, l, acc) of a row and head into its output. A partition is PART
-        tokens of lens_ptr's context; with PACKED (kernels/packed_attention.py), PART pages of the row's
-        packed_ptr packed pages and its 16-bit tail of lens_ptr tokens."""
+        tokens of lens_ptr's context; with MARKED (kernels/packed_attention.py), any of the num_parts,
+        those past the row's end marked m = -inf and their l and acc never read (no length to load
+        before the partitions: one dependent load less)."""
         pdl_wait(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1)
-        if PACKED:
-            num_pages = tl.load(packed_ptr + t) + tl.cdiv(tl.load(lens_ptr + t), BLOCK_SIZE)
-            n_valid = tl.cdiv(num_pages, PART)
-        else:
-            n_valid = tl.cdiv(tl.load(lens_ptr + t), PART)
+        n_valid = num_parts if MARKED else tl.cdiv(tl.load(lens_ptr + t), PART)
         base = (t.to(tl.int64) * num_heads + h) * num_parts
         d = tl.arange(0, HEAD_DIM)
         m = tl.full([], float("-inf"), tl.float32)
@@ -170,14 +167,15 @@ if triton is not None:
             p = c + tl.arange(0, CHUNK)
             pm = p < n_valid
             mp = tl.load(m_ptr + base + p, mask=pm, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(mp, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # partitions without a visible token
-            w = tl.where(pm, tl.exp2(mp - m_safe), 0.0)
-            alpha = tl.exp2(m - m_safe)
             lp = tl.load(l_ptr + base + p, mask=pm, other=0.0)
             ap = tl.load(acc_ptr + (base + p)[:, None] * HEAD_DIM + d[None, :], mask=pm[:, None], other=0.0)
-            l = l * alpha + tl.sum(w * lp, 0)
-            acc = acc * alpha + tl.sum(w[:, None] * ap, 0)
+            m_new = tl.maximum(m, tl.max(mp, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # partitions without a visible token
+            seen = mp > float("-inf")  # the others' l and acc are 0, or never written (MARKED)
+            w = tl.where(seen, tl.exp2(mp - m_safe), 0.0)
+            alpha = tl.exp2(m - m_safe)
+            l = l * alpha + tl.sum(w * tl.where(seen, lp, 0.0), 0)
+            acc = acc * alpha + tl.sum(w[:, None] * tl.where(seen[:, None], ap, 0.0), 0)
             m = m_new
         res = acc / tl.where(l > 0, l, 1.0)  # no visible token: acc is 0 -> zeros
         tl.store(out_ptr + t * so0 + h * so1 + d, res.to(out_ptr.dtype.element_ty))
@@ -220,8 +218,8 @@ def paged_attention_triton(
     )
     if not single:
         reduce_partitions[(num_tokens, num_heads)](
-            m, l, acc, context_lens, context_lens, out, out.stride(0), out.stride(1), num_heads, num_parts,
-            HEAD_DIM=head_dim, PART=part, CHUNK=16, BLOCK_SIZE=block_size, PACKED=False,
+            m, l, acc, context_lens, out, out.stride(0), out.stride(1), num_heads, num_parts,
+            HEAD_DIM=head_dim, PART=part, CHUNK=16, MARKED=False,
             **pdl_options(q.device),
         )
     return out

@@ -259,8 +259,8 @@ def partition_types(dtype):
 shapes = [(torch.bfloat16, 32, 8, 128, 20, False), (torch.bfloat16, 16, 1, 64, 6, False),
           (torch.float32, 5, 1, 64, 16, True)]
 reduce_types = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "lens_ptr": "*i32",
-                "packed_ptr": "*i32", "out_ptr": "*bf16"}
-reduce_consts = dict(HEAD_DIM=128, PART=20, CHUNK=16, BLOCK_SIZE=16, PACKED=True)
+                "out_ptr": "*bf16"}
+reduce_consts = dict(HEAD_DIM=128, PART=20, CHUNK=16, MARKED=True)
 for target, nvidia in GPU_TARGETS:
     for dtype, heads, kv_heads, head_dim, ppp, single in shapes:
         cfg = PA.PackedConfig(ppp)
