@@ -510,9 +510,9 @@ if triton is not None:
         """The partition's quantized pages of format FMT (others count as empty), NS per tile.
         STAGES: Triton's software pipelining of the loop (1: none). first_pages: (block, metadata) of the
         partition's first two pages. The page lookups (table, then metadata: two dependent loads) run one
-        tile ahead, and for int8 K's scales too; the codes load at
-        the tile's start, V's right after them (V's a tile ahead, as the lookups, made int4 3x slower and
-        int8 3% slower: bench/RESULTS.md, session 11)."""
+        tile ahead, and for int8 K's scales too; the codes load at the tile's start, V's right after them
+        (V's a tile ahead, as the lookups, made int4 3x slower and int8 3% slower: bench/RESULTS.md,
+        session 11)."""
         INT4: tl.constexpr = FMT == 2
         # q * scale * log2(e) per column, channels in _k_codes' order.
         qs = tl.load(q_ptr + q_cols[:, None] + _code_order(INT4, HEAD_DIM)[None, :], mask=q_mask[:, None],
@@ -565,7 +565,7 @@ if triton is not None:
         GROUP: tl.constexpr, G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         NUM_KV_HEADS: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_ITEMS: tl.constexpr, SLICE: tl.constexpr,
         T8: tl.constexpr, TP8: tl.constexpr, T4: tl.constexpr, TP4: tl.constexpr, NS: tl.constexpr,
-        NC: tl.constexpr, PPP: tl.constexpr, PPP2: tl.constexpr, TILE: tl.constexpr, SINGLE: tl.constexpr,
+        NC: tl.constexpr, PPP2: tl.constexpr, TILE: tl.constexpr, SINGLE: tl.constexpr,
         UPCAST: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
         ASM: tl.constexpr, L2: tl.constexpr,
     ):
@@ -649,7 +649,7 @@ if triton is not None:
         q_ptr, kv_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2, r, kvh, part, start, packed, tail,
         end, sq0, sq1, so0, so1, num_heads, num_parts,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        NUM_KV_HEADS: tl.constexpr, BLOCK_ITEMS: tl.constexpr, PPP: tl.constexpr, TILE: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr, BLOCK_ITEMS: tl.constexpr, TILE: tl.constexpr,
         SINGLE: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """A partition of 16-bit tail pages only, exactly as paged_attention's kernel (bit for bit the
@@ -740,12 +740,12 @@ if triton is not None:
                 q_ptr, words_ptr, half_ptr, kv_ptr, meta_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr,
                 scale_log2, r, kvh, part, start, end, packed, tail, sq0, sq1, so0, so1, num_heads,
                 num_parts, GROUP, G2, HEAD_DIM, BLOCK_SIZE, NUM_KV_HEADS, BLOCK_BYTES, BLOCK_ITEMS, SLICE, T8,
-                TP8, T4, TP4, NS, NC, PPP, PPP2, TILE, SINGLE, UPCAST, STAGES, F16, ASM, L2)
+                TP8, T4, TP4, NS, NC, PPP2, TILE, SINGLE, UPCAST, STAGES, F16, ASM, L2)
         else:
             _tail_partition(
                 q_ptr, kv_ptr, bt_row, out_ptr, m_ptr, l_ptr, acc_ptr, scale_log2, r, kvh, part, start,
                 packed, tail, end, sq0, sq1, so0, so1, num_heads, num_parts, GROUP, GROUP_PAD, HEAD_DIM,
-                BLOCK_SIZE, NUM_KV_HEADS, BLOCK_ITEMS, PPP, TILE, SINGLE, UPCAST)
+                BLOCK_SIZE, NUM_KV_HEADS, BLOCK_ITEMS, TILE, SINGLE, UPCAST)
 
 
 def _pow2(n: int) -> int:
