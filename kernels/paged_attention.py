@@ -151,8 +151,8 @@ if triton is not None:
     ):
         """Combine the partitions' (m, l, acc) of a row and head into its output. A partition is PART
         tokens of lens_ptr's context; with MARKED (kernels/packed_attention.py), any of the num_parts,
-        those past the row's end marked m = -inf and their l and acc never read (no length to load
-        before the partitions: one dependent load less)."""
+        those past the row's end marked m = -inf and their l and acc (never written) ignored: no length
+        to load before the partitions, one dependent load less."""
         pdl_wait(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1)
